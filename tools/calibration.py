@@ -1,0 +1,759 @@
+"""Recalibration of classifier logits, and a check of whether it helps or harms under shift.
+
+Three scalers share one interface (`Scaler`): temperature scaling, vector scaling (a scale and a
+bias per class) and binary Platt scaling. Each fits on calibration-split logits by minimising the
+negative log-likelihood (NLL) with `scipy.optimize`, returns probabilities from `transform`, and
+round-trips through `to_dict` / `scaler_from_dict`, so a fitted scaler can be stored in the model
+card JSON and applied at prediction time.
+
+`evaluate_recalibration` measures top-label ECE, NLL, Brier score and the signed confidence gap
+before and after recalibration on each condition, with paired bootstrap intervals of the change,
+and `recalibration_findings` turns those verdicts into candidate findings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from scipy import optimize
+
+ArrayLike = Any
+Progress = Callable[[int, int], None] | None
+
+#: Search range of the temperature: log T in [log 0.01, log 100].
+LOG_TEMPERATURE_BOUNDS = (math.log(0.01), math.log(100.0))
+
+#: Metric ids of the before/after comparison, in report order. The first three are the ids of
+#: the metric registry; `confidence_gap` is mean top-label confidence minus accuracy.
+RECALIBRATION_METRICS = ("ece_top_label", "nll", "brier", "confidence_gap")
+
+DEFAULT_N_BINS = 15
+
+
+class CalibrationError(ValueError):
+    """Invalid input to a scaler or to the recalibration check."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check_logits(logits: ArrayLike, name: str = "logits", *, min_classes: int = 2) -> np.ndarray:
+    """Return `logits` as a finite float64 (n, K) array or raise CalibrationError naming `name`."""
+    try:
+        array = np.asarray(logits, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise CalibrationError(f"{name} is not a numeric (n, K) array: {error}") from None
+
+    if array.ndim != 2:
+        raise CalibrationError(f"{name} must be 2-D (n, K); got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise CalibrationError(f"{name} has no rows; expected at least one")
+    if array.shape[1] < min_classes:
+        raise CalibrationError(
+            f"{name} has {array.shape[1]} column(s); expected at least {min_classes} classes"
+        )
+
+    bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    if bad_rows.size:
+        first = int(bad_rows[0])
+        raise CalibrationError(
+            f"{name} has {bad_rows.size} row(s) with NaN or infinite values "
+            f"(first at row {first}: {array[first].tolist()})"
+        )
+    return array
+
+
+def _check_labels(labels: ArrayLike, n: int, n_classes: int, name: str = "labels") -> np.ndarray:
+    """Return `labels` as an int64 (n,) array of class indices or raise CalibrationError."""
+    raw = np.asarray(labels)
+    if raw.ndim != 1:
+        raise CalibrationError(f"{name} must be 1-D (n,); got shape {raw.shape}")
+    if raw.shape[0] != n:
+        raise CalibrationError(f"{name} has {raw.shape[0]} values but logits has {n} rows")
+    if raw.dtype.kind == "f":
+        if not np.isfinite(raw).all() or not np.equal(np.round(raw), raw).all():
+            first = int(np.flatnonzero(~np.isfinite(raw) | (np.round(raw) != raw))[0])
+            raise CalibrationError(
+                f"{name} must be integer class indices; got {raw[first]!r} at row {first}"
+            )
+    elif raw.dtype.kind not in "iub":
+        raise CalibrationError(f"{name} must be integer class indices; got dtype {raw.dtype}")
+
+    array = raw.astype(np.int64)
+    outside = np.flatnonzero((array < 0) | (array >= n_classes))
+    if outside.size:
+        first = int(outside[0])
+        raise CalibrationError(
+            f"{name} has {outside.size} value(s) outside 0..{n_classes - 1} "
+            f"(first at row {first}: {array[first]})"
+        )
+    return array
+
+
+def _check_fit_input(
+    logits: ArrayLike, labels: ArrayLike, *, min_classes: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check the inputs of a fit, which also needs at least two classes present in `labels`."""
+    z = _check_logits(logits, min_classes=min_classes)
+    y = _check_labels(labels, z.shape[0], z.shape[1])
+    present = np.unique(y)
+    if present.size < 2:
+        raise CalibrationError(
+            f"labels contains only class {int(present[0])}; a scaler needs at least two classes "
+            "in the calibration split"
+        )
+    return z, y
+
+
+def _check_weights(weights: ArrayLike | None, n: int) -> np.ndarray | None:
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,):
+        raise CalibrationError(f"weights must have shape ({n},); got {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise CalibrationError("weights must be finite, non-negative and not all zero")
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax and NLL pieces
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    """Return log-probabilities of each row of `scores` (n, K), stable for large values."""
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Return probabilities (n, K) of each row of `scores`."""
+    return np.exp(log_softmax(scores))
+
+
+def _weighted_mean(values: np.ndarray, weights: np.ndarray | None) -> float:
+    if weights is None:
+        return float(values.mean())
+    return float(values @ weights / weights.sum())
+
+
+def _nll_and_gradient(
+    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None
+) -> tuple[float, np.ndarray]:
+    """Return the mean NLL of softmax(scores) and its gradient with respect to `scores`."""
+    log_p = log_softmax(scores)
+    rows = np.arange(scores.shape[0])
+    losses = -log_p[rows, labels]
+
+    residual = np.exp(log_p)
+    residual[rows, labels] -= 1.0
+    if weights is None:
+        return float(losses.mean()), residual / scores.shape[0]
+    share = weights / weights.sum()
+    return float(losses @ share), residual * share[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalers
+
+
+@runtime_checkable
+class Scaler(Protocol):
+    """A recalibration map from logits (n, K) to probabilities (n, K), fitted by NLL."""
+
+    kind: ClassVar[str]
+
+    def fit(self, logits: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None) -> Scaler:
+        """Fit on calibration logits and integer labels; return self."""
+        ...
+
+    def log_proba(self, logits: ArrayLike) -> np.ndarray:
+        """Return recalibrated log-probabilities (n, K)."""
+        ...
+
+    def transform(self, logits: ArrayLike) -> np.ndarray:
+        """Return recalibrated probabilities (n, K)."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fitted parameters as a JSON-serialisable dict with a `kind` key."""
+        ...
+
+
+class _ScalerBase:
+    kind: ClassVar[str] = ""
+    n_fit: int | None = None
+
+    def _require_fitted(self) -> None:
+        if self.n_fit is None:
+            raise CalibrationError(f"{self.kind} scaler is not fitted; call fit(logits, labels) first")
+
+    def transform(self, logits: ArrayLike) -> np.ndarray:
+        return np.exp(self.log_proba(logits))  # type: ignore[attr-defined]
+
+
+class TemperatureScaler(_ScalerBase):
+    """Temperature scaling: probabilities softmax(z / T) with one positive T for all classes.
+
+    T is fitted by bounded 1-D minimisation of the NLL over log T (Brent's method in
+    `scipy.optimize.minimize_scalar`), so no learning rate needs tuning. The NLL is convex in
+    1/T, hence unimodal in log T. T > 1 means the model was overconfident, T < 1 underconfident.
+    """
+
+    kind: ClassVar[str] = "temperature"
+
+    def __init__(self, temperature: float | None = None, n_fit: int | None = None) -> None:
+        if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+            raise CalibrationError(f"temperature must be a positive number; got {temperature!r}")
+        self.temperature = temperature
+        self.n_fit = n_fit if temperature is None else (n_fit or 0)
+
+    def fit(
+        self, logits: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None
+    ) -> TemperatureScaler:
+        z, y = _check_fit_input(logits, labels)
+        w = _check_weights(weights, z.shape[0])
+        self.temperature = _fit_temperature_value(z, y, w)
+        self.n_fit = int(z.shape[0])
+        return self
+
+    def log_proba(self, logits: ArrayLike) -> np.ndarray:
+        self._require_fitted()
+        z = _check_logits(logits)
+        return log_softmax(z / self.temperature)
+
+    def to_dict(self) -> dict[str, Any]:
+        self._require_fitted()
+        return {"kind": self.kind, "temperature": self.temperature, "n_fit": self.n_fit}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TemperatureScaler:
+        return cls(temperature=float(raw["temperature"]), n_fit=int(raw.get("n_fit", 0)))
+
+
+def _fit_temperature_value(z: np.ndarray, y: np.ndarray, weights: np.ndarray | None) -> float:
+    """Return the T that minimises the (weighted) NLL of softmax(z / T)."""
+    true_logit = z[np.arange(z.shape[0]), y]
+    row_max = z.max(axis=1)
+
+    def nll(log_t: float) -> float:
+        inverse_t = math.exp(-log_t)
+        shifted = (z - row_max[:, None]) * inverse_t
+        losses = np.log(np.exp(shifted).sum(axis=1)) - (true_logit - row_max) * inverse_t
+        return _weighted_mean(losses, weights)
+
+    result = optimize.minimize_scalar(
+        nll, bounds=LOG_TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-6}
+    )
+    # NOTE: when the split is perfectly separable the NLL keeps falling as T -> 0, and the fit
+    # returns the lower bound T = 0.01 rather than raising.
+    return float(math.exp(result.x))
+
+
+class VectorScaler(_ScalerBase):
+    """Vector scaling: probabilities softmax(z * a + b) with a scale a_k and bias b_k per class.
+
+    Fitted with L-BFGS-B on the NLL and its analytic gradient, starting from a = 1, b = 0. The
+    softmax does not change when the same constant is added to every bias, so the fitted bias is
+    centred to sum to zero.
+    """
+
+    kind: ClassVar[str] = "vector"
+
+    def __init__(
+        self,
+        scale: Sequence[float] | None = None,
+        bias: Sequence[float] | None = None,
+        n_fit: int | None = None,
+    ) -> None:
+        if (scale is None) != (bias is None):
+            raise CalibrationError("vector scaler needs both scale and bias, or neither")
+        self.scale = None if scale is None else np.asarray(scale, dtype=np.float64)
+        self.bias = None if bias is None else np.asarray(bias, dtype=np.float64)
+        if self.scale is not None and self.scale.shape != self.bias.shape:
+            raise CalibrationError(
+                f"scale has {self.scale.size} values but bias has {self.bias.size}"
+            )
+        self.n_fit = n_fit if scale is None else (n_fit or 0)
+
+    def fit(self, logits: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None) -> VectorScaler:
+        z, y = _check_fit_input(logits, labels)
+        w = _check_weights(weights, z.shape[0])
+        k = z.shape[1]
+
+        def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
+            scale, bias = params[:k], params[k:]
+            loss, d_scores = _nll_and_gradient(z * scale + bias, y, w)
+            gradient = np.concatenate([(d_scores * z).sum(axis=0), d_scores.sum(axis=0)])
+            return loss, gradient
+
+        start = np.concatenate([np.ones(k), np.zeros(k)])
+        result = optimize.minimize(objective, start, jac=True, method="L-BFGS-B")
+        self.scale = result.x[:k].copy()
+        self.bias = result.x[k:] - result.x[k:].mean()
+        self.n_fit = int(z.shape[0])
+        return self
+
+    def log_proba(self, logits: ArrayLike) -> np.ndarray:
+        self._require_fitted()
+        z = _check_logits(logits)
+        if z.shape[1] != self.scale.size:
+            raise CalibrationError(
+                f"logits has {z.shape[1]} columns but the scaler was fitted on {self.scale.size}"
+            )
+        return log_softmax(z * self.scale + self.bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        self._require_fitted()
+        return {
+            "kind": self.kind,
+            "scale": self.scale.tolist(),
+            "bias": self.bias.tolist(),
+            "n_fit": self.n_fit,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> VectorScaler:
+        return cls(scale=raw["scale"], bias=raw["bias"], n_fit=int(raw.get("n_fit", 0)))
+
+
+class PlattScaler(_ScalerBase):
+    """Binary Platt scaling: P(class 1) = sigmoid(a * s + b) with s = z_1 - z_0.
+
+    For a model with one output logit z the classifier returns [0, z], so s = z. Fitted by
+    maximum likelihood on the 0/1 labels with L-BFGS-B and the analytic gradient.
+    NOTE: Platt's original method smooths the targets to (N+ + 1) / (N+ + 2) and 1 / (N- + 2);
+    this fit uses the labels as they are.
+    """
+
+    kind: ClassVar[str] = "platt"
+
+    def __init__(self, slope: float | None = None, intercept: float | None = None, n_fit: int | None = None) -> None:
+        if (slope is None) != (intercept is None):
+            raise CalibrationError("Platt scaler needs both slope and intercept, or neither")
+        self.slope = slope
+        self.intercept = intercept
+        self.n_fit = n_fit if slope is None else (n_fit or 0)
+
+    @staticmethod
+    def _score(logits: ArrayLike) -> np.ndarray:
+        z = _check_logits(logits)
+        if z.shape[1] != 2:
+            raise CalibrationError(
+                f"logits has {z.shape[1]} columns; Platt scaling needs a binary model (2 columns)"
+            )
+        return z[:, 1] - z[:, 0]
+
+    def fit(self, logits: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None) -> PlattScaler:
+        score = self._score(logits)
+        _, y = _check_fit_input(logits, labels)
+        w = _check_weights(weights, score.size)
+        share = np.full(score.size, 1.0 / score.size) if w is None else w / w.sum()
+        target = y.astype(np.float64)
+
+        def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
+            t = params[0] * score + params[1]
+            loss = float((np.logaddexp(0.0, t) - target * t) @ share)
+            residual = (_sigmoid(t) - target) * share
+            return loss, np.array([residual @ score, residual.sum()])
+
+        result = optimize.minimize(objective, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B")
+        self.slope, self.intercept = float(result.x[0]), float(result.x[1])
+        self.n_fit = int(score.size)
+        return self
+
+    def log_proba(self, logits: ArrayLike) -> np.ndarray:
+        self._require_fitted()
+        t = self.slope * self._score(logits) + self.intercept
+        return np.column_stack([-np.logaddexp(0.0, t), -np.logaddexp(0.0, -t)])
+
+    def to_dict(self) -> dict[str, Any]:
+        self._require_fitted()
+        return {"kind": self.kind, "slope": self.slope, "intercept": self.intercept, "n_fit": self.n_fit}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> PlattScaler:
+        return cls(slope=float(raw["slope"]), intercept=float(raw["intercept"]), n_fit=int(raw.get("n_fit", 0)))
+
+
+def _sigmoid(t: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -t))
+
+
+#: Scaler classes by `kind`, the value stored in the model card.
+SCALERS: dict[str, type[_ScalerBase]] = {
+    TemperatureScaler.kind: TemperatureScaler,
+    VectorScaler.kind: VectorScaler,
+    PlattScaler.kind: PlattScaler,
+}
+
+
+def make_scaler(kind: str) -> Scaler:
+    """Return an unfitted scaler of `kind` ("temperature", "vector" or "platt")."""
+    if kind not in SCALERS:
+        raise CalibrationError(f"unknown scaler kind {kind!r}; expected one of {sorted(SCALERS)}")
+    return SCALERS[kind]()  # type: ignore[return-value]
+
+
+def scaler_from_dict(raw: Mapping[str, Any]) -> Scaler:
+    """Rebuild a fitted scaler from `Scaler.to_dict()` output, e.g. the model card's entry."""
+    kind = raw.get("kind") if isinstance(raw, Mapping) else None
+    if kind not in SCALERS:
+        raise CalibrationError(f"scaler kind {kind!r} is unknown; expected one of {sorted(SCALERS)}")
+    try:
+        return SCALERS[kind].from_dict(raw)  # type: ignore[attr-defined,return-value]
+    except (KeyError, TypeError) as error:
+        raise CalibrationError(f"{kind} scaler entry is missing or has a bad field: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature fit with a bootstrap interval (the planner's tool)
+
+Direction = Literal["overconfident", "underconfident", "well calibrated"]
+
+
+class FitTemperatureInput(BaseModel):
+    """Arguments of `fit_temperature`: calibration-split logits and labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    logits: list[list[float]] = Field(description="calibration-split logits, one row per image (n, K)")
+    labels: list[int] = Field(description="true class index per image, in 0..K-1")
+    n_boot: int = Field(200, ge=20, le=10_000, description="bootstrap refits for the interval of T")
+    seed: int = Field(0, description="seed of the bootstrap resampling")
+
+
+class FitTemperatureOutput(BaseModel):
+    """The fitted temperature, its bootstrap interval and what it says about the model."""
+
+    temperature: float = Field(description="T; probabilities are softmax(logits / T)")
+    low: float = Field(description="2.5th percentile of T over bootstrap refits")
+    high: float = Field(description="97.5th percentile of T over bootstrap refits")
+    direction: Direction = Field(
+        description="overconfident when T > 1, underconfident when T < 1, well calibrated when "
+        "the interval contains 1"
+    )
+    nll_before: float = Field(description="mean NLL on the calibration split with T = 1")
+    nll_after: float = Field(description="mean NLL on the calibration split with the fitted T")
+    n: int = Field(description="images in the calibration split")
+    n_boot: int
+    seed: int
+    scaler: dict[str, Any] = Field(description="TemperatureScaler.to_dict(), for the model card")
+
+
+def _bootstrap_count_weights(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Return (n_boot, n) resample counts: row b says how often each image is drawn."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def fit_temperature_arrays(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: Progress = None,
+) -> FitTemperatureOutput:
+    """Fit temperature scaling on calibration logits (n, K) and labels (n,) already in memory.
+
+    The 95 % interval is the percentile interval of T refitted on `n_boot` bootstrap resamples,
+    drawn as count weights so no array is copied. `direction` reads "well calibrated" whenever
+    the interval contains 1, whatever the point estimate.
+    """
+    z, y = _check_fit_input(logits, labels)
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 20:
+        raise CalibrationError(f"n_boot must be an integer of at least 20; got {n_boot!r}")
+
+    scaler = TemperatureScaler().fit(z, y)
+    temperature = scaler.temperature
+
+    rng = np.random.default_rng(seed)
+    refits = np.empty(n_boot)
+    for b in range(n_boot):
+        counts = _bootstrap_count_weights(z.shape[0], 1, rng)[0]
+        drawn = counts > 0
+        refits[b] = _fit_temperature_value(z[drawn], y[drawn], counts[drawn])
+        if progress is not None:
+            progress(b + 1, n_boot)
+    low, high = (float(v) for v in np.percentile(refits, [2.5, 97.5]))
+
+    if low <= 1.0 <= high:
+        direction: Direction = "well calibrated"
+    elif temperature > 1.0:
+        direction = "overconfident"
+    else:
+        direction = "underconfident"
+
+    rows = np.arange(z.shape[0])
+    nll_before = float(-log_softmax(z)[rows, y].mean())
+    nll_after = float(-scaler.log_proba(z)[rows, y].mean())
+
+    return FitTemperatureOutput(
+        temperature=temperature,
+        low=low,
+        high=high,
+        direction=direction,
+        nll_before=nll_before,
+        nll_after=nll_after,
+        n=int(z.shape[0]),
+        n_boot=int(n_boot),
+        seed=int(seed),
+        scaler=scaler.to_dict(),
+    )
+
+
+def fit_temperature(request: FitTemperatureInput, progress: Progress = None) -> FitTemperatureOutput:
+    """Fit temperature scaling from the planner tool's JSON arguments; see `fit_temperature_arrays`."""
+    widths = {len(row) for row in request.logits}
+    if len(widths) > 1:
+        first = next(i for i, row in enumerate(request.logits) if len(row) != len(request.logits[0]))
+        raise CalibrationError(
+            f"logits rows have different lengths {sorted(widths)} (first differing row {first})"
+        )
+    return fit_temperature_arrays(
+        np.asarray(request.logits, dtype=np.float64),
+        np.asarray(request.labels, dtype=np.int64),
+        n_boot=request.n_boot,
+        seed=request.seed,
+        progress=progress,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics before and after recalibration
+#
+# NOTE: these four metrics are local copies that must agree with the metric registry in
+# tools/metrics (ids ece_top_label, nll, brier). The binned ECE puts a confidence c in bin
+# (l, u], with the first bin [0, 1/B], as scikit-learn's calibration_curve does. NLL is taken
+# from log-probabilities, so it equals -log p_y without clipping and stays finite when p_y
+# underflows to 0 in float64.
+
+
+def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    interior_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+    return np.searchsorted(interior_edges, confidence, side="left")
+
+
+class _RowTerms:
+    """Per-image terms from which each metric is a (weighted) sum, so the bootstrap is matmuls."""
+
+    def __init__(self, log_probs: np.ndarray, labels: np.ndarray, n_bins: int) -> None:
+        n, k = log_probs.shape
+        rows = np.arange(n)
+        probs = np.exp(log_probs)
+
+        self.confidence = probs.max(axis=1)
+        self.correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+        self.nll = -log_probs[rows, labels]
+        one_hot = np.zeros((n, k))
+        one_hot[rows, labels] = 1.0
+        self.brier = ((probs - one_hot) ** 2).sum(axis=1)
+
+        # Row i of `bin_gap` holds confidence - correctness in the column of its bin, so
+        # counts @ bin_gap gives each bin's summed gap under any resample.
+        self.bin_gap = np.zeros((n, n_bins))
+        self.bin_gap[rows, _bin_index(self.confidence, n_bins)] = self.confidence - self.correct
+        self.probs = probs
+
+    def metrics(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """Return each metric under every row of `counts` (B, n), as (B,) arrays."""
+        total = counts.sum(axis=1)
+        return {
+            "ece_top_label": np.abs(counts @ self.bin_gap).sum(axis=1) / total,
+            "nll": counts @ self.nll / total,
+            "brier": counts @ self.brier / total,
+            "confidence_gap": counts @ (self.confidence - self.correct) / total,
+        }
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_N_BINS) -> list[dict[str, float]]:
+    """Return top-label reliability bins: lower, upper, count, mean confidence and accuracy.
+
+    Empty bins are kept with NaN confidence and accuracy, so every diagram has `n_bins` rows.
+    """
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    index = _bin_index(confidence, n_bins)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+
+    bins = []
+    for b in range(n_bins):
+        member = index == b
+        count = int(member.sum())
+        bins.append(
+            {
+                "lower": float(edges[b]),
+                "upper": float(edges[b + 1]),
+                "count": count,
+                "confidence": float(confidence[member].mean()) if count else math.nan,
+                "accuracy": float(correct[member].mean()) if count else math.nan,
+            }
+        )
+    return bins
+
+
+class MetricChange(BaseModel):
+    """One metric before and after recalibration on one condition, with 95 % intervals."""
+
+    metric: str
+    before: float
+    before_low: float
+    before_high: float
+    after: float
+    after_low: float
+    after_high: float
+    delta: float = Field(description="after - before")
+    low: float = Field(description="2.5th percentile of the paired bootstrap change")
+    high: float = Field(description="97.5th percentile of the paired bootstrap change")
+    p_value: float = Field(description="two-sided bootstrap p-value of a change of 0")
+
+
+Verdict = Literal["helped", "harmed", "no clear change"]
+
+
+class RecalibrationVerdict(BaseModel):
+    """Whether recalibration helped or harmed top-label ECE on one condition."""
+
+    condition: str
+    n: int
+    verdict: Verdict = Field(
+        description="helped when the ECE change interval lies below 0, harmed when above 0"
+    )
+    changes: list[MetricChange]
+    reliability_before: list[dict[str, float]]
+    reliability_after: list[dict[str, float]]
+
+    # Bootstrap draws (metric -> (before, after), each (n_boot,)) for comparisons between
+    # conditions in `recalibration_findings`. Not serialised.
+    _draws: dict[str, tuple[np.ndarray, np.ndarray]] = PrivateAttr(default_factory=dict)
+
+    def change(self, metric: str) -> MetricChange:
+        """Return the entry of `metric` (one of RECALIBRATION_METRICS)."""
+        for entry in self.changes:
+            if entry.metric == metric:
+                return entry
+        raise KeyError(f"metric {metric!r} is not in this verdict; expected one of {RECALIBRATION_METRICS}")
+
+
+def _percentile_interval(draws: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _bootstrap_p_value(draws: np.ndarray) -> float:
+    """Return the two-sided bootstrap p-value of 0, with the +1 correction so it is never 0."""
+    below = (np.count_nonzero(draws <= 0) + 1) / (draws.size + 1)
+    above = (np.count_nonzero(draws >= 0) + 1) / (draws.size + 1)
+    return float(min(1.0, 2.0 * min(below, above)))
+
+
+def _paired_draws(
+    before: _RowTerms, after: _RowTerms, n_boot: int, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Return bootstrap draws of each metric before and after, on the same resamples."""
+    n = before.confidence.size
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, 4_000_000 // n))
+
+    parts_before: dict[str, list[np.ndarray]] = {m: [] for m in RECALIBRATION_METRICS}
+    parts_after: dict[str, list[np.ndarray]] = {m: [] for m in RECALIBRATION_METRICS}
+    for start in range(0, n_boot, chunk):
+        counts = _bootstrap_count_weights(n, min(chunk, n_boot - start), rng)
+        for metric, values in before.metrics(counts).items():
+            parts_before[metric].append(values)
+        for metric, values in after.metrics(counts).items():
+            parts_after[metric].append(values)
+
+    draws_before = {m: np.concatenate(v) for m, v in parts_before.items()}
+    draws_after = {m: np.concatenate(v) for m, v in parts_after.items()}
+    return draws_before, draws_after
+
+
+def _verdict_from_ece(change: MetricChange) -> Verdict:
+    if change.high < 0:
+        return "helped"
+    if change.low > 0:
+        return "harmed"
+    return "no clear change"
+
+
+def evaluate_recalibration(
+    scaler: Scaler,
+    conditions: Mapping[str, tuple[ArrayLike, ArrayLike]],
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_bins: int = DEFAULT_N_BINS,
+    progress: Progress = None,
+) -> list[RecalibrationVerdict]:
+    """Compare calibration before and after `scaler` on each condition.
+
+    `conditions` maps a condition key (e.g. "clean", "shift:gaussian_noise:3") to its logits
+    (n, K) and labels (n,). For each, top-label ECE with `n_bins` equal-width bins, NLL, Brier
+    score (summed over classes) and the confidence gap (mean top-label confidence minus accuracy)
+    are computed on softmax(logits) and on the scaler's output, with 95 % percentile intervals
+    from `n_boot` resamples shared by before and after. Every condition is resampled from the
+    same `seed`, so conditions that list the same images in the same order (the clean test set
+    and its shifts) get the same resamples, and their draws can be compared pairwise.
+    """
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 20:
+        raise CalibrationError(f"n_boot must be an integer of at least 20; got {n_boot!r}")
+    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise CalibrationError(f"n_bins must be a positive integer; got {n_bins!r}")
+    if not conditions:
+        raise CalibrationError("conditions is empty; expected at least one condition key")
+
+    verdicts = []
+    for done, (key, pair) in enumerate(conditions.items(), start=1):
+        try:
+            logits, labels = pair
+        except (TypeError, ValueError):
+            raise CalibrationError(f"conditions[{key!r}] must be a (logits, labels) pair") from None
+        z = _check_logits(logits, name=f"conditions[{key!r}] logits")
+        y = _check_labels(labels, z.shape[0], z.shape[1], name=f"conditions[{key!r}] labels")
+
+        before = _RowTerms(log_softmax(z), y, n_bins)
+        after = _RowTerms(scaler.log_proba(z), y, n_bins)
+        ones = np.ones((1, z.shape[0]))
+        point_before = before.metrics(ones)
+        point_after = after.metrics(ones)
+        draws_before, draws_after = _paired_draws(before, after, n_boot, seed)
+
+        changes = []
+        for metric in RECALIBRATION_METRICS:
+            delta_draws = draws_after[metric] - draws_before[metric]
+            before_low, before_high = _percentile_interval(draws_before[metric])
+            after_low, after_high = _percentile_interval(draws_after[metric])
+            low, high = _percentile_interval(delta_draws)
+            changes.append(
+                MetricChange(
+                    metric=metric,
+                    before=float(point_before[metric][0]),
+                    before_low=before_low,
+                    before_high=before_high,
+                    after=float(point_after[metric][0]),
+                    after_low=after_low,
+                    after_high=after_high,
+                    delta=float(point_after[metric][0] - point_before[metric][0]),
+                    low=low,
+                    high=high,
+                    p_value=_bootstrap_p_value(delta_draws),
+                )
+            )
+
+        verdict = RecalibrationVerdict(
+            condition=key,
+            n=int(z.shape[0]),
+            verdict=_verdict_from_ece(changes[0]),
+            changes=changes,
+            reliability_before=reliability_bins(before.probs, y, n_bins),
+            reliability_after=reliability_bins(after.probs, y, n_bins),
+        )
+        verdict._draws = {m: (draws_before[m], draws_after[m]) for m in RECALIBRATION_METRICS}
+        verdicts.append(verdict)
+        if progress is not None:
+            progress(done, len(conditions))
+    return verdicts
