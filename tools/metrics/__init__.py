@@ -1,0 +1,24 @@
+"""Metric engine: a registry of classification, calibration and failure-detection metrics.
+
+Pure numpy and scipy; nothing else of the project is imported here.
+"""
+
+from . import calibration, counting, ranking, scores  # noqa: F401  (register the metrics)
+from ._inputs import MetricError
+from .bootstrap import Difference, Estimate, bootstrap_metrics, paired_bootstrap, unpaired_bootstrap
+from .calibration import reliability_bins
+from .registry import REGISTRY, MetricInfo, MetricResult, compute_metric
+
+__all__ = [
+    "REGISTRY",
+    "Difference",
+    "Estimate",
+    "MetricError",
+    "MetricInfo",
+    "MetricResult",
+    "bootstrap_metrics",
+    "compute_metric",
+    "paired_bootstrap",
+    "reliability_bins",
+    "unpaired_bootstrap",
+]
