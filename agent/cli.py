@@ -1,0 +1,438 @@
+"""The `clinaudit` command line: the only module that prints or draws on the terminal.
+
+Heavy libraries are imported inside the commands, so `clinaudit --help` stays fast.
+Exit codes: 0 success, 1 a gate or alert failed, 2 bad input (one line naming the file, row or
+field).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Audit a medical image classifier under distribution shift.")
+console = Console()
+err_console = Console(stderr=True)
+
+StoreOption = typer.Option(None, "--store", help="DuckDB file of audits "
+                           "[default: $CLINAUDIT_STORE, else ./clinaudit.duckdb].")
+OutOption = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
+                         "[default: audits/<audit id>/].")
+
+
+def store_path(option: Optional[Path]) -> Path:
+    if option is not None:
+        return option
+    return Path(os.environ.get("CLINAUDIT_STORE", "clinaudit.duckdb"))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Error classes that mean bad input; anything else is a bug and keeps its traceback."""
+    from tools.spec import SpecError
+    from tools.store import StoreError
+
+    errors: list[type[BaseException]] = [SpecError, StoreError, FileNotFoundError]
+    for module, name in [("tools.data", "DataError"), ("tools.models", "ModelError"),
+                         ("tools.shifts", "ShiftError"), ("tools.metrics", "MetricError")]:
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+@contextmanager
+def bad_input_exits() -> Iterator[None]:
+    """Turn bad-input errors into one line on stderr and exit code 2."""
+    try:
+        yield
+    except _user_errors() as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+class ProgressBars:
+    """Rich progress bars fed by the tools' (task, done, total) callbacks."""
+
+    def __init__(self) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("{task.description:<32}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=err_console, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.progress.add_task(task, total=total)
+        self.progress.update(self.tasks[task], completed=done, total=total)
+
+    def __enter__(self) -> "ProgressBars":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def print_plan(plan) -> None:
+    from rich.table import Table
+
+    table = Table(title="Audit plan", show_lines=False)
+    table.add_column("what")
+    table.add_column("choice")
+    table.add_column("why")
+    for metric in plan.metrics:
+        star = " (primary)" if metric.id == plan.primary_metric else ""
+        table.add_row("metric", metric.id + star, metric.reason)
+    for shift in plan.shifts:
+        table.add_row("shift", f"{shift.name} {shift.severities}", shift.reason)
+    for group in plan.subgroups:
+        table.add_row("subgroup", group.column, group.reason)
+    if plan.site_column:
+        table.add_row("site", plan.site_column, "evaluated per site, no retraining")
+    for mix in plan.prevalence:
+        table.add_row("prevalence", mix.name, mix.reason)
+    console.print(table)
+    if plan.cost:
+        console.print(f"Cost: {plan.cost.conditions} conditions, {plan.cost.images_predicted} "
+                      f"image predictions, about {plan.cost.estimated_seconds:.0f} s "
+                      f"({plan.cost.note}).")
+
+
+def print_summary(store_file: Path, audit_id: str, report_paths: dict[str, str]) -> None:
+    from rich.table import Table
+
+    from tools.store import Store
+
+    with Store(store_file) as store:
+        results = [r for r in store.results(audit_id)
+                   if r["condition"] == "clean" and r["class"] is None]
+        found = store.findings(audit_id)
+    table = Table(title=f"Audit {audit_id}: clean test set")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% interval", justify="right")
+    for row in results:
+        interval = "" if row["low"] is None else f"{row['low']:.3f} to {row['high']:.3f}"
+        value = "NaN" if row["value"] is None else f"{row['value']:.3f}"
+        table.add_row(row["metric"], value, interval)
+    console.print(table)
+    console.print(f"{len(found)} findings "
+                  f"({sum(f['light'] == 'red' for f in found)} red, "
+                  f"{sum(f['light'] == 'amber' for f in found)} amber).")
+    for finding in found[:5]:
+        colour = "red" if finding["light"] == "red" else "yellow"
+        console.print(f"  [{colour}]{finding['id']}[/] {finding['summary']}", highlight=False)
+    for kind, path in report_paths.items():
+        console.print(f"{kind}: {path}")
+
+
+def run_graph(spec, spec_base: Path, store_file: Path, out: Optional[Path], planner,
+              ask=None, confirm=None, checkpointer=None, thread_id: str | None = None) -> dict:
+    """Run the audit graph with progress bars and return its final state."""
+    from agent.graph import build_graph, initial_state
+
+    graph = build_graph(checkpointer=checkpointer)
+    with ProgressBars() as bars:
+        config = {"configurable": {"planner": planner, "progress": bars, "ask": ask,
+                                   "confirm": confirm, "thread_id": thread_id or "audit"}}
+        state = graph.invoke(initial_state(spec, spec_base, store_file, out), config)
+    return state
+
+
+@app.command()
+def run(
+    spec_file: Path = typer.Argument(..., help="Audit spec (YAML)."),
+    store: Optional[Path] = StoreOption,
+    out: Optional[Path] = OutOption,
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (overrides the spec)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (overrides the spec)."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan and its cost, then stop."),
+) -> None:
+    """Run a scripted audit from a spec; asks nothing. Exit 1 when a gate fails."""
+    from agent.planners.rules import RulesPlanner
+    from tools.spec import load_spec
+
+    store_file = store_path(store)
+    with bad_input_exits():
+        spec = load_spec(spec_file)
+        overrides = {k: v for k, v in {"device": device, "batch_size": batch_size}.items() if v}
+        if overrides:
+            spec.audit = spec.audit.model_copy(update=overrides)
+        planner = RulesPlanner()
+        if plan_only:
+            from agent import resources
+
+            info = resources.describe(resources.load(spec))
+            chosen = spec.plan or planner.plan(spec.context, info, n_boot=spec.audit.bootstrap)
+            print_plan(chosen)
+            return
+        state = run_graph(spec, spec_file.parent.resolve(), store_file, out, planner)
+    print_summary(store_file, state["audit_id"], state.get("report_paths", {}))
+    if spec.gates:
+        _check_gates(store_file, state["audit_id"], spec.gates)
+
+
+def _check_gates(store_file: Path, audit_id: str, gates) -> None:
+    from tools.gates import evaluate_gates
+    from tools.metrics import REGISTRY
+    from tools.store import Store
+
+    with Store(store_file) as store:
+        failures = evaluate_gates(gates, store.results(audit_id), store.differences(audit_id),
+                                  {k: v.higher_is_better for k, v in REGISTRY.items()})
+    if failures:
+        console.print(f"[bold red]{len(failures)} gate check(s) failed:[/]")
+        for failure in failures:
+            console.print(f"  - {failure['message']}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"[green]All {len(gates)} gates passed.[/]")
+
+
+DEMO_SPEC = {
+    "model": {"arch": "mobilenetv3_small_050", "input_size": 64,
+              "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]},
+    "data": {"id_column": "image_id", "label_column": "dx",
+             "metadata": ["dataset", "sex", "age", "localization"], "group_column": "lesion_id",
+             "split": {"test": 0.3, "calibration": 0.2, "seed": 0}},
+    "context": {"domain": "dermatology",
+                "intended_use": "second opinion for dermatologists on dermoscopy images",
+                "deployment": "clinics whose dermatoscopes and patients differ from the training sites",
+                "positive_class": "mel", "malignant_classes": ["mel", "bcc", "akiec"],
+                "costlier_error": "false_negative", "ordinal": False},
+}
+
+
+@app.command()
+def demo(
+    data: Optional[Path] = typer.Option(None, help="ham10000_subset folder (metadata.csv and "
+                                        "images/) [default: $CLINAUDIT_DATA/ham10000_subset]."),
+    store: Optional[Path] = StoreOption,
+    out: Optional[Path] = OutOption,
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(256, help="Images per forward pass."),
+    epochs: int = typer.Option(12, help="Training epochs for the demo model."),
+    input_size: int = typer.Option(64, help="Model input size in pixels."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap replicates per interval."),
+    max_images: Optional[int] = typer.Option(None, help="Audit at most this many test images."),
+    shifts: Optional[str] = typer.Option(None, help="Comma-separated shift names to keep "
+                                         "(default: the dermatology preset)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from published timm "
+                                    "weights (downloads them; needs network)."),
+) -> None:
+    """Train a small model on ham10000_subset, audit it, and write the report."""
+    import time
+
+    from agent.planners.rules import RulesPlanner
+    from tools.spec import spec_from_dict
+
+    if data is None:
+        root = os.environ.get("CLINAUDIT_DATA")
+        if not root:
+            err_console.print("[bold red]error:[/] no data: pass --data PATH/ham10000_subset or set "
+                              "CLINAUDIT_DATA to the folder that holds ham10000_subset/")
+            raise typer.Exit(2)
+        data = Path(root) / "ham10000_subset"
+    if not (data / "metadata.csv").is_file() or not (data / "images").is_dir():
+        err_console.print(f"[bold red]error:[/] {data} is not a ham10000_subset folder (needs "
+                          "metadata.csv and images/); pass --data or set CLINAUDIT_DATA",
+                          highlight=False)
+        raise typer.Exit(2)
+
+    store_file = store_path(store)
+    out = out or Path("audits") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with bad_input_exits():
+        raw = {**DEMO_SPEC, "model": {**DEMO_SPEC["model"], "input_size": input_size},
+               "data": {**DEMO_SPEC["data"], "manifest": str(data / "metadata.csv"),
+                        "images": str(data / "images")},
+               "audit": {"bootstrap": bootstrap, "device": device, "batch_size": batch_size,
+                         "max_images": max_images}}
+        spec = spec_from_dict(raw, Path.cwd())
+        checkpoint = out / "model" / "model.pt"
+        _train_demo_model(spec, checkpoint, epochs, pretrained)
+        spec.model.checkpoint = checkpoint.resolve()
+        planner = RulesPlanner()
+        if shifts:
+            planner = _ShiftFilter(planner, [s.strip() for s in shifts.split(",") if s.strip()])
+        state = run_graph(spec, Path.cwd(), store_file, out, planner)
+    print_summary(store_file, state["audit_id"], state.get("report_paths", {}))
+    console.print(f"Demo finished in {time.perf_counter() - started:.0f} s.")
+
+
+class _ShiftFilter:
+    """Wrap a planner and keep only the named shifts of its plan."""
+
+    def __init__(self, planner, names: list[str]):
+        self.planner, self.names, self.name = planner, names, planner.name
+
+    def interview(self, context, info, ask):
+        return self.planner.interview(context, info, ask)
+
+    def plan(self, context, info, n_boot=1000):
+        from tools.shifts import validate_shift
+
+        for name in self.names:
+            validate_shift(name, 1)
+        plan = self.planner.plan(context, info, n_boot=n_boot)
+        kept = [s for s in plan.shifts if s.name in self.names]
+        missing = [n for n in self.names if n not in {s.name for s in kept}]
+        from tools.spec import ShiftChoice
+
+        kept += [ShiftChoice(name=n, reason="requested with --shifts") for n in missing]
+        return plan.model_copy(update={"shifts": kept})
+
+    def narrate(self, summary):
+        return self.planner.narrate(summary)
+
+
+def _train_demo_model(spec, checkpoint: Path, epochs: int, pretrained: bool) -> None:
+    from tools.data import load_dataset
+    from tools.models import resolve_device, save_checkpoint, train_classifier
+
+    dataset = load_dataset(spec.data, spec.model.classes)
+    train = dataset.part("train")
+    with ProgressBars() as bars:
+        images = train.images(spec.model.input_size,
+                              progress=lambda d, t: bars("Loading training images", d, t))
+        model = train_classifier(
+            spec.model.arch, images, train.labels, dataset.classes,
+            input_size=spec.model.input_size, epochs=epochs, seed=spec.audit.seed,
+            device=resolve_device(spec.audit.device), class_weights="balanced",
+            pretrained=pretrained, progress=lambda d, t: bars("Training demo model", d, t))
+    card = {"arch": spec.model.arch, "classes": dataset.classes,
+            "input_size": spec.model.input_size,
+            "normalization": spec.model.normalization.model_dump(), "outputs": "logits",
+            "training_data_hash": dataset.data_hash, "epochs": epochs, "seed": spec.audit.seed,
+            "pretrained": pretrained}
+    save_checkpoint(model, checkpoint, card)
+
+
+@app.command()
+def report(
+    audit_id: str = typer.Argument(..., help="Audit id (see `clinaudit runs`)."),
+    store: Optional[Path] = StoreOption,
+    out: Optional[Path] = OutOption,
+    pdf: bool = typer.Option(False, "--pdf", help="Also print the HTML to report.pdf with "
+                             "headless Chromium."),
+) -> None:
+    """Re-render an audit's report from the store (shows reviews added since)."""
+    from tools.report import write_audit_report
+    from tools.store import Store
+
+    with bad_input_exits():
+        with Store(store_path(store)) as db:
+            audit = db.audit(audit_id)
+            include = (audit["spec"] or {}).get("report", {}).get("include_images", True)
+            paths = write_audit_report(db, audit_id, out or Path("audits") / audit_id,
+                                       include_images=include)
+        if pdf:
+            from tools.report.pdf import html_to_pdf
+
+            paths["pdf"] = html_to_pdf(paths["html"], Path(paths["html"]).with_suffix(".pdf"))
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")
+
+
+@app.command()
+def runs(store: Optional[Path] = StoreOption) -> None:
+    """List the audits in the store."""
+    from rich.table import Table
+
+    from tools.store import Store
+
+    with bad_input_exits():
+        with Store(store_path(store)) as db:
+            audits = db.list_audits()
+    table = Table(title=f"Audits in {store_path(store)}")
+    for column in ("audit id", "created", "kind", "status", "conditions", "findings"):
+        table.add_column(column)
+    for audit in audits:
+        table.add_row(audit["id"], f"{audit['created_at']:%Y-%m-%d %H:%M}", audit["kind"],
+                      audit["status"], str(audit["conditions"]), str(audit["findings"]))
+    console.print(table)
+
+
+@app.command()
+def delete(
+    audit_id: str = typer.Argument(..., help="Audit id to remove with all its data."),
+    store: Optional[Path] = StoreOption,
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+) -> None:
+    """Remove an audit with its predictions, results, findings and reviews."""
+    from tools.store import Store
+
+    with bad_input_exits():
+        with Store(store_path(store)) as db:
+            db.require_audit(audit_id)
+            if not yes and not typer.confirm(f"Delete audit {audit_id} and all its data?"):
+                console.print("Nothing deleted.")
+                raise typer.Exit(0)
+            db.delete_audit(audit_id)
+    console.print(f"Deleted audit {audit_id}.")
+
+
+@app.command()
+def review(
+    audit_id: str = typer.Argument(..., help="Audit id."),
+    reviewer: str = typer.Option(..., help="Name of the reviewer."),
+    verdict: str = typer.Option(..., help="approve, changes or reject."),
+    comment: str = typer.Option("", help="Free-text comment."),
+    finding: Optional[str] = typer.Option(None, help="Finding id the review refers to."),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Append a sign-off to an audit; re-render with `clinaudit report` to show it."""
+    from tools.store import Store, StoreError
+
+    with bad_input_exits():
+        if verdict not in ("approve", "changes", "reject"):
+            raise StoreError(f"--verdict {verdict!r} is invalid: use approve, changes or reject")
+        with Store(store_path(store)) as db:
+            review_id = db.add_review(audit_id, reviewer, verdict, comment, finding)
+    console.print(f"Review {review_id} stored for audit {audit_id}.")
+
+
+@app.command()
+def compare(
+    audit_a: str = typer.Argument(..., help="Earlier audit id."),
+    audit_b: str = typer.Argument(..., help="Later audit id."),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Show which whole-set metrics got better or worse between two audits, per condition."""
+    from rich.table import Table
+
+    from tools.compare import compare_audits
+
+    with bad_input_exits():
+        from tools.store import Store
+
+        with Store(store_path(store)) as db:
+            rows = compare_audits(db, audit_a, audit_b)
+    table = Table(title=f"{audit_a} -> {audit_b}")
+    for column in ("condition", "metric", "A", "B", "change", "95% interval", "verdict"):
+        table.add_column(column)
+    for row in rows:
+        colour = {"better": "green", "worse": "red"}.get(row["verdict"], "white")
+        interval = "" if row["low"] is None else f"{row['low']:+.3f} to {row['high']:+.3f}"
+        table.add_row(row["condition"], row["metric"], f"{row['a']:.3f}", f"{row['b']:.3f}",
+                      f"{row['delta']:+.3f}", interval, f"[{colour}]{row['verdict']}[/]")
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,55 @@
+"""Compare two audits of a model: which whole-set metrics got better or worse, per condition.
+
+Both audits' per-image predictions are in the store, so the change gets a bootstrap interval:
+paired when the two conditions hold the same images in the same order (a mitigated model
+re-audited on the same test set), unpaired otherwise (a later monitoring batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tools.store import Store
+
+
+def compare_audits(store: Store, audit_a: str, audit_b: str, n_boot: int = 1000,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Return one row per (shared condition, metric): a, b, delta = b − a, interval, verdict."""
+    from tools.metrics import REGISTRY, paired_bootstrap, unpaired_bootstrap
+
+    store.require_audit(audit_a)
+    store.require_audit(audit_b)
+    keys_a = {c.key for c in store.conditions(audit_a) if not c.too_small}
+    keys_b = {c.key for c in store.conditions(audit_b) if not c.too_small}
+    plan = store.audit(audit_a)["plan"] or {}
+    metrics = [(m["id"], m.get("params", {})) for m in plan.get("metrics", [])]
+    if not metrics:
+        metrics = [("balanced_accuracy", {}), ("ece_top_label", {})]
+
+    rows = []
+    for key in sorted(keys_a & keys_b, key=lambda k: (k != "clean", k)):
+        a = store.predictions(audit_a, key)
+        b = store.predictions(audit_b, key)
+        if a["probs"].shape[1] != b["probs"].shape[1]:
+            continue
+        paired = len(a["ids"]) == len(b["ids"]) and bool(np.all(a["ids"] == b["ids"])) and \
+            bool(np.all(a["labels"] == b["labels"]))
+        if paired:
+            diffs = paired_bootstrap(metrics, a["probs"], b["probs"], a["labels"], n_boot=n_boot,
+                                     seed=seed)
+        else:
+            diffs = unpaired_bootstrap(metrics, a["probs"], a["labels"], b["probs"], b["labels"],
+                                       n_boot=n_boot, seed=seed)
+        for (metric_id, params), diff in zip(metrics, diffs.values()):
+            higher_is_better = REGISTRY[metric_id].higher_is_better
+            verdict = "no clear change"
+            if diff.low is not None and diff.high is not None and np.isfinite(diff.low):
+                improved = diff.low > 0 if higher_is_better else diff.high < 0
+                worsened = diff.high < 0 if higher_is_better else diff.low > 0
+                verdict = "better" if improved else "worse" if worsened else verdict
+            rows.append({"condition": key, "metric": metric_id, "a": diff.reference,
+                         "b": diff.condition, "delta": diff.delta, "low": diff.low,
+                         "high": diff.high, "paired": paired, "verdict": verdict})
+    return rows

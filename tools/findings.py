@@ -1,0 +1,129 @@
+"""Failure-mode detection from stored differences, with Benjamini–Hochberg control.
+
+A candidate is a change against the reference (the clean test set for shifts, paired on the same
+images; the rest of the test set for subgroups, unpaired) whose point estimate, in the metric's
+bad direction, is at least `min_relevant_difference`. Every candidate of the audit enters one
+Benjamini–Hochberg procedure at level `fdr`; a candidate becomes a finding when it is rejected
+there and its 95 % bootstrap interval of the change excludes zero. The traffic light is amber for
+an effect below twice the minimum and red above.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+# Metric families for the finding's kind; unknown metrics count as performance.
+_FAMILY_KIND = {
+    "calibration": "calibration",
+    "proper_score": "calibration",
+    "failure_detection": "failure_detection",
+}
+
+
+def _describe_condition(condition: dict[str, Any]) -> str:
+    kind = condition["kind"]
+    params = condition.get("params", {})
+    if kind == "shift":
+        return f"{condition['name'].replace('_', ' ')} at severity {params.get('severity')}"
+    if kind in ("subgroup", "site"):
+        return f"{params.get('column')} = {params.get('value')}"
+    if kind == "prevalence":
+        return f"class mix '{condition['name']}'"
+    if kind == "external":
+        return f"external test set '{condition['name']}'"
+    return condition["key"]
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}"
+
+
+def detect_findings(
+    differences: list[dict[str, Any]],
+    conditions: dict[str, dict[str, Any]],
+    metric_info: Callable[[str], tuple[str, str, bool]],
+    min_relevant_difference: float = 0.05,
+    fdr: float = 0.05,
+) -> list[dict[str, Any]]:
+    """Select findings among the stored differences of one audit.
+
+    Parameters
+    ----------
+    differences : rows with condition, metric, delta (condition − reference), low, high,
+        p_value, paired, reference_value, condition_value.
+    conditions : condition key -> {key, kind, name, params, too_small}.
+    metric_info : metric id -> (display name, family, higher_is_better).
+
+    Returns the findings as dicts (id, kind, condition, metric, effect, low, high, p_value,
+    q_value, light, summary, evidence), the largest effect first.
+    """
+    from scipy.stats import false_discovery_control
+
+    candidates = []
+    for row in differences:
+        condition = conditions.get(row["condition"])
+        if condition is None or condition.get("too_small"):
+            continue
+        delta, p_value = row.get("delta"), row.get("p_value")
+        if delta is None or p_value is None or not np.isfinite(delta) or not np.isfinite(p_value):
+            continue
+        display, family, higher_is_better = metric_info(row["metric"])
+        # The effect is measured in the direction that makes the model worse.
+        sign = -1.0 if higher_is_better else 1.0
+        effect = sign * delta
+        if effect < min_relevant_difference:
+            continue
+        low, high = row.get("low"), row.get("high")
+        bad_low, bad_high = sorted((sign * low, sign * high)) if low is not None and high is not None else (None, None)
+        candidates.append((row, condition, display, family, effect, bad_low, bad_high, p_value))
+
+    if not candidates:
+        return []
+    q_values = false_discovery_control([c[-1] for c in candidates], method="bh")
+
+    findings = []
+    for (row, condition, display, family, effect, low, high, p_value), q_value in zip(candidates, q_values):
+        interval_clear = low is not None and low > 0
+        if q_value > fdr or not interval_clear:
+            continue
+        light = "red" if effect >= 2 * min_relevant_difference else "amber"
+        where = _describe_condition(condition)
+        verb = "fell" if row["delta"] < 0 else "rose"
+        summary = (
+            f"{display} {verb} from {_fmt(row.get('reference_value'))} to "
+            f"{_fmt(row.get('condition_value'))} under {where} (change {row['delta']:+.3f}, "
+            f"95% CI {row['low']:+.3f} to {row['high']:+.3f}; "
+            f"{'paired on the same images' if row.get('paired') else 'against the rest of the test set'})."
+        )
+        findings.append({
+            "kind": _FAMILY_KIND.get(family, "performance"),
+            "condition": row["condition"],
+            "metric": row["metric"],
+            "effect": float(effect),
+            "low": float(low),
+            "high": float(high),
+            "p_value": float(p_value),
+            "q_value": float(q_value),
+            "light": light,
+            "summary": summary,
+            "evidence": {
+                "reference": row.get("reference"),
+                "reference_value": row.get("reference_value"),
+                "condition_value": row.get("condition_value"),
+                "delta": row["delta"],
+                "delta_low": row.get("low"),
+                "delta_high": row.get("high"),
+                "paired": bool(row.get("paired")),
+                "condition_kind": condition["kind"],
+            },
+        })
+
+    findings.sort(key=lambda f: -f["effect"])
+    for number, finding in enumerate(findings, start=1):
+        finding["id"] = f"F{number:03d}"
+    return findings

@@ -1,0 +1,315 @@
+"""Execute an audit plan: predict every condition, compute its metrics, store it, find failures.
+
+Clean predictions are computed once and reused as the paired reference of every shift and as the
+source of every subgroup, site and prevalence condition. Each condition is stored in one
+transaction when it finishes, so a resumed audit skips what is already in the store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from tools.spec import AuditPlan, AuditSpec
+from tools.store import Condition, DifferenceRow, ResultRow, Store
+
+# (task description, done, total); the CLI turns it into progress bars.
+Progress = Callable[[str, int, int], None]
+
+# Per-class sensitivity is stored for every condition so the report can speak in natural
+# frequencies ("about 1 in 8 melanomas ... would be missed").
+PER_CLASS_METRIC = "sensitivity"
+
+
+@dataclass
+class AuditInputs:
+    """What the runner needs besides the spec: the loaded model and the evaluation data."""
+
+    classifier: Any  # tools.models.Classifier
+    test: Any  # tools.data.Dataset, the test split
+    externals: dict[str, Any]  # name -> tools.data.Dataset
+
+
+def metric_entries(plan: AuditPlan) -> list[tuple[str, dict]]:
+    return [(choice.id, dict(choice.params)) for choice in plan.metrics]
+
+
+def metric_key(metric_id: str, params: dict) -> str:
+    if not params:
+        return metric_id
+    return metric_id + "@" + ",".join(f"{k}={params[k]}" for k in sorted(params))
+
+
+def _per_class_sensitivity(probs: np.ndarray, labels: np.ndarray, classes: list[str],
+                           weights: np.ndarray | None = None) -> list[ResultRow]:
+    predicted = probs.argmax(axis=1)
+    weights = np.ones(len(labels)) if weights is None else weights
+    rows = []
+    for k, name in enumerate(classes):
+        positives = labels == k
+        total = float(weights[positives].sum())
+        if total == 0:
+            rows.append(ResultRow(PER_CLASS_METRIC, float("nan"), class_name=name,
+                                  reason=f"class {name} is absent from this condition"))
+            continue
+        hit = float(weights[positives & (predicted == k)].sum())
+        rows.append(ResultRow(PER_CLASS_METRIC, hit / total, class_name=name,
+                              params={"count": int(positives.sum())}))
+    return rows
+
+
+class AuditRunner:
+    """Runs one audit's conditions in order and writes each to the store."""
+
+    def __init__(self, spec: AuditSpec, plan: AuditPlan, store: Store, audit_id: str,
+                 inputs: AuditInputs, progress: Progress | None = None):
+        self.spec = spec
+        self.plan = plan
+        self.store = store
+        self.audit_id = audit_id
+        self.inputs = inputs
+        self.progress = progress or (lambda task, done, total: None)
+        self.settings = spec.audit
+        self.metrics = metric_entries(plan)
+        self.classes = inputs.classifier.classes
+        self.done = store.finished_conditions(audit_id)
+        self.reliability: dict[str, Any] = store.artifact(audit_id, "reliability", {}) or {}
+        self.timings: dict[str, float] = {}
+
+    # helpers
+
+    def _bootstrap(self, probs, labels, weights=None):
+        from tools.metrics import bootstrap_metrics
+
+        return bootstrap_metrics(self.metrics, probs, labels, n_boot=self.settings.bootstrap,
+                                 seed=self.settings.seed, weights=weights)
+
+    def _result_rows(self, estimates, probs, labels, weights=None) -> list[ResultRow]:
+        rows = []
+        for metric_id, params in self.metrics:
+            estimate = estimates[metric_key(metric_id, params)]
+            rows.append(ResultRow(metric_id, estimate.value, estimate.low, estimate.high,
+                                  params=params, reason=estimate.reason))
+        rows.extend(_per_class_sensitivity(probs, labels, self.classes, weights))
+        return rows
+
+    def _difference_rows(self, differences, reference: str, paired: bool) -> list[DifferenceRow]:
+        rows = []
+        for metric_id, params in self.metrics:
+            d = differences[metric_key(metric_id, params)]
+            rows.append(DifferenceRow(metric_id, reference, d.delta, d.low, d.high, d.p_value,
+                                      paired, d.reference, d.condition))
+        return rows
+
+    def _record_reliability(self, key: str, probs, labels) -> None:
+        from tools.metrics import reliability_bins
+
+        self.reliability[key] = reliability_bins(probs, labels, n_bins=15)
+        self.store.save_artifact(self.audit_id, "reliability", self.reliability)
+
+    # conditions
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        test = self.inputs.test
+        labels = test.labels
+        images = test.images(self.inputs.classifier.input_size,
+                             progress=lambda d, t: self.progress("Loading test images", d, t))
+
+        clean_probs = self._clean(images, labels)
+        self._shifts(images, labels, clean_probs)
+        self._subgroups(labels, clean_probs)
+        self._prevalence(labels, clean_probs)
+        self._externals(clean_probs, labels)
+
+        self.timings["total_seconds"] = time.perf_counter() - started
+        return {"timings": self.timings}
+
+    def _clean(self, images, labels) -> np.ndarray:
+        test = self.inputs.test
+        if "clean" in self.done:
+            return self.store.predictions(self.audit_id, "clean")["probs"]
+        started = time.perf_counter()
+        probs = self.inputs.classifier.predict_proba(
+            images, batch_size=self.settings.batch_size,
+            progress=lambda d, t: self.progress("Predicting clean test set", d, t))
+        self.timings["clean_predict_seconds"] = time.perf_counter() - started
+        estimates = self._bootstrap(probs, labels)
+        condition = Condition("clean", "clean", "clean", {}, n=len(labels))
+        self.store.save_condition(self.audit_id, condition, test.ids, labels, probs,
+                                  self._result_rows(estimates, probs, labels))
+        self._record_reliability("clean", probs, labels)
+        return probs
+
+    def _shifts(self, images, labels, clean_probs) -> None:
+        from tools.metrics import paired_bootstrap
+        from tools.shifts import iter_shifted_batches, validate_shift
+
+        test = self.inputs.test
+        jobs = []
+        for choice in self.plan.shifts:
+            for severity in choice.severities:
+                validate_shift(choice.name, severity, greyscale=test.greyscale)
+                if f"shift:{choice.name}:{severity}" not in self.done:
+                    jobs.append((choice.name, severity))
+        if not jobs:
+            return
+        self._contact_sheet(images)
+
+        n = len(labels)
+        total = len(jobs) * n
+        done_rows = 0
+        buffers: dict[tuple[str, int], np.ndarray] = {}
+        started = time.perf_counter()
+        for name, severity, start, batch in iter_shifted_batches(
+                images, jobs, seed=self.settings.seed, batch_size=self.settings.batch_size):
+            key = (name, severity)
+            if key not in buffers:
+                buffers[key] = np.empty((n, len(self.classes)), dtype=np.float64)
+            buffers[key][start:start + len(batch)] = self.inputs.classifier.predict_proba(
+                batch, batch_size=self.settings.batch_size)
+            done_rows += len(batch)
+            self.progress("Shifting and predicting", done_rows, total)
+            if start + len(batch) < n:
+                continue
+
+            probs = buffers.pop(key)
+            estimates = self._bootstrap(probs, labels)
+            differences = paired_bootstrap(self.metrics, clean_probs, probs, labels,
+                                           n_boot=self.settings.bootstrap, seed=self.settings.seed)
+            condition = Condition(f"shift:{name}:{severity}", "shift", name,
+                                  {"severity": severity}, n=n)
+            self.store.save_condition(
+                self.audit_id, condition, test.ids, labels, probs,
+                self._result_rows(estimates, probs, labels),
+                self._difference_rows(differences, "clean", paired=True))
+            self._record_reliability(condition.key, probs, labels)
+        self.timings["shift_seconds"] = time.perf_counter() - started
+
+    def _contact_sheet(self, images) -> None:
+        """Store one test image under every planned shift and severity, unless the spec keeps
+        patient images out of the report."""
+        import base64
+
+        from tools.shifts import contact_sheet
+
+        if not self.spec.report.include_images or self.store.artifact(self.audit_id,
+                                                                      "contact_sheet_png"):
+            return
+        names = [choice.name for choice in self.plan.shifts]
+        png = contact_sheet(images[0], names, seed=self.settings.seed)
+        self.store.save_artifact(self.audit_id, "contact_sheet_png",
+                                 base64.b64encode(png).decode("ascii"))
+
+    def _subgroup_condition(self, kind: str, column: str, value: str, mask: np.ndarray,
+                            labels, clean_probs) -> None:
+        from tools.metrics import unpaired_bootstrap
+
+        key = f"{kind}:{column}:{value}"
+        if key in self.done:
+            return
+        n = int(mask.sum())
+        too_small = n < self.plan.min_subgroup_size
+        condition = Condition(key, kind, str(value), {"column": column, "value": str(value)},
+                              n=n, effective_n=float(n), too_small=too_small)
+        test = self.inputs.test
+        ids = [test.ids[i] for i in np.flatnonzero(mask)]
+        if too_small:
+            # Reported as too small, not as numbers: intervals on a handful of images mislead.
+            self.store.save_condition(self.audit_id, condition, ids, labels[mask],
+                                      clean_probs[mask], [])
+            return
+        estimates = self._bootstrap(clean_probs[mask], labels[mask])
+        rest = ~mask
+        differences = []
+        if rest.sum() > 0:
+            diff = unpaired_bootstrap(self.metrics, clean_probs[rest], labels[rest],
+                                      clean_probs[mask], labels[mask],
+                                      n_boot=self.settings.bootstrap, seed=self.settings.seed)
+            differences = self._difference_rows(diff, "rest of test set", paired=False)
+        self.store.save_condition(self.audit_id, condition, ids, labels[mask], clean_probs[mask],
+                                  self._result_rows(estimates, clean_probs[mask], labels[mask]),
+                                  differences)
+
+    def _subgroups(self, labels, clean_probs) -> None:
+        from tools.shifts.population import subgroup_masks
+
+        metadata = self.inputs.test.metadata
+        groups = [("subgroup", choice.column, choice.bands) for choice in self.plan.subgroups]
+        if self.plan.site_column:
+            groups.append(("site", self.plan.site_column, None))
+        total = len(groups)
+        for done, (kind, column, bands) in enumerate(groups):
+            self.progress("Subgroups and sites", done, total)
+            for value, mask in subgroup_masks(metadata, column, bands).items():
+                self._subgroup_condition(kind, column, value, np.asarray(mask, bool), labels,
+                                         clean_probs)
+        self.progress("Subgroups and sites", total, total)
+
+    def _prevalence(self, labels, clean_probs) -> None:
+        from tools.metrics import unpaired_bootstrap
+        from tools.shifts.population import prevalence_indices
+
+        test = self.inputs.test
+        for choice in self.plan.prevalence:
+            key = f"prevalence:{choice.name}"
+            if key in self.done:
+                continue
+            unknown = [c for c in choice.class_mix if c not in self.classes]
+            if unknown:
+                raise ValueError(f"plan.prevalence[{choice.name}]: class {unknown[0]!r} is not "
+                                 f"one of the model's classes {self.classes}")
+            mix = {self.classes.index(c): share for c, share in choice.class_mix.items()}
+            indices = prevalence_indices(labels, mix, seed=self.settings.seed)
+            probs, sub_labels = clean_probs[indices], labels[indices]
+            estimates = self._bootstrap(probs, sub_labels)
+            diff = unpaired_bootstrap(self.metrics, clean_probs, labels, probs, sub_labels,
+                                      n_boot=self.settings.bootstrap, seed=self.settings.seed)
+            condition = Condition(key, "prevalence", choice.name,
+                                  {"class_mix": choice.class_mix}, n=len(indices))
+            self.store.save_condition(self.audit_id, condition, [test.ids[i] for i in indices],
+                                      sub_labels, probs,
+                                      self._result_rows(estimates, probs, sub_labels),
+                                      self._difference_rows(diff, "clean", paired=False))
+
+    def _externals(self, clean_probs, labels) -> None:
+        from tools.metrics import unpaired_bootstrap
+
+        for name, dataset in self.inputs.externals.items():
+            key = f"external:{name}"
+            if key in self.done:
+                continue
+            images = dataset.images(self.inputs.classifier.input_size)
+            probs = self.inputs.classifier.predict_proba(
+                images, batch_size=self.settings.batch_size,
+                progress=lambda d, t: self.progress(f"Predicting external set {name}", d, t))
+            estimates = self._bootstrap(probs, dataset.labels)
+            diff = unpaired_bootstrap(self.metrics, clean_probs, labels, probs, dataset.labels,
+                                      n_boot=self.settings.bootstrap, seed=self.settings.seed)
+            condition = Condition(key, "external", name, {}, n=len(dataset.labels))
+            self.store.save_condition(self.audit_id, condition, dataset.ids, dataset.labels, probs,
+                                      self._result_rows(estimates, probs, dataset.labels),
+                                      self._difference_rows(diff, "clean", paired=False))
+            self._record_reliability(key, probs, dataset.labels)
+
+
+def find_and_store_findings(store: Store, audit_id: str, spec: AuditSpec) -> list[dict[str, Any]]:
+    """Run failure-mode detection over every stored difference of the audit and store it."""
+    from tools.findings import detect_findings
+    from tools.metrics import REGISTRY
+
+    def info(metric_id: str) -> tuple[str, str, bool]:
+        entry = REGISTRY.get(metric_id)
+        if entry is None:
+            return metric_id, "performance", True
+        return entry.display, entry.family, entry.higher_is_better
+
+    conditions = {c.key: {"key": c.key, "kind": c.kind, "name": c.name, "params": c.params,
+                          "too_small": c.too_small} for c in store.conditions(audit_id)}
+    findings = detect_findings(store.differences(audit_id), conditions, info,
+                               spec.audit.min_relevant_difference, spec.audit.fdr)
+    store.save_findings(audit_id, findings)
+    return findings
