@@ -56,12 +56,19 @@ def plan(state: AuditState, config: dict | None = None) -> dict[str, Any]:
     confirm = options.get("confirm")
     confirmed = True if confirm is None else bool(confirm(chosen))
     update: dict[str, Any] = {"plan": chosen.model_dump(mode="json"), "plan_confirmed": confirmed}
-    if confirmed and not state.get("audit_id"):
+    if confirmed:
+        # A chat session may fix the audit id up front (its checkpoint thread id) so that
+        # `--resume AUDIT_ID` finds both the conversation and the stored conditions.
         with Store(state["store_path"]) as store:
-            spec_json = spec.model_copy(update={"context": context}).model_dump(mode="json")
-            update["audit_id"] = store.create_audit(
-                "image", spec_json, update["plan"],
-                meta={"planner": chosen.planner, "dataset": info.model_dump(mode="json")})
+            audit_id = state.get("audit_id")
+            if audit_id is None or audit_id not in {a["id"] for a in store.list_audits()}:
+                spec_json = spec.model_copy(update={"context": context}).model_dump(mode="json")
+                loaded = resources.load(spec)
+                update["audit_id"] = store.create_audit(
+                    "image", spec_json, update["plan"], audit_id=audit_id,
+                    meta={"planner": chosen.planner, "dataset": info.model_dump(mode="json"),
+                          "data_hash": loaded.dataset.data_hash,
+                          "data_name": loaded.dataset.name})
     return update
 
 

@@ -191,7 +191,9 @@ class _ScalerBase:
 
     def _require_fitted(self) -> None:
         if self.n_fit is None:
-            raise CalibrationError(f"{self.kind} scaler is not fitted; call fit(logits, labels) first")
+            raise CalibrationError(
+                f"{self.kind} scaler is not fitted; call fit(logits, labels) first"
+            )
 
     def transform(self, logits: ArrayLike) -> np.ndarray:
         return np.exp(self.log_proba(logits))  # type: ignore[attr-defined]
@@ -281,7 +283,9 @@ class VectorScaler(_ScalerBase):
             )
         self.n_fit = n_fit if scale is None else (n_fit or 0)
 
-    def fit(self, logits: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None) -> VectorScaler:
+    def fit(
+        self, logits: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None
+    ) -> VectorScaler:
         z, y = _check_fit_input(logits, labels)
         w = _check_weights(weights, z.shape[0])
         k = z.shape[1]
@@ -333,7 +337,9 @@ class PlattScaler(_ScalerBase):
 
     kind: ClassVar[str] = "platt"
 
-    def __init__(self, slope: float | None = None, intercept: float | None = None, n_fit: int | None = None) -> None:
+    def __init__(
+        self, slope: float | None = None, intercept: float | None = None, n_fit: int | None = None
+    ) -> None:
         if (slope is None) != (intercept is None):
             raise CalibrationError("Platt scaler needs both slope and intercept, or neither")
         self.slope = slope
@@ -349,7 +355,9 @@ class PlattScaler(_ScalerBase):
             )
         return z[:, 1] - z[:, 0]
 
-    def fit(self, logits: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None) -> PlattScaler:
+    def fit(
+        self, logits: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None
+    ) -> PlattScaler:
         score = self._score(logits)
         _, y = _check_fit_input(logits, labels)
         w = _check_weights(weights, score.size)
@@ -374,11 +382,20 @@ class PlattScaler(_ScalerBase):
 
     def to_dict(self) -> dict[str, Any]:
         self._require_fitted()
-        return {"kind": self.kind, "slope": self.slope, "intercept": self.intercept, "n_fit": self.n_fit}
+        return {
+            "kind": self.kind,
+            "slope": self.slope,
+            "intercept": self.intercept,
+            "n_fit": self.n_fit,
+        }
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> PlattScaler:
-        return cls(slope=float(raw["slope"]), intercept=float(raw["intercept"]), n_fit=int(raw.get("n_fit", 0)))
+        return cls(
+            slope=float(raw["slope"]),
+            intercept=float(raw["intercept"]),
+            n_fit=int(raw.get("n_fit", 0)),
+        )
 
 
 def _sigmoid(t: np.ndarray) -> np.ndarray:
@@ -404,11 +421,15 @@ def scaler_from_dict(raw: Mapping[str, Any]) -> Scaler:
     """Rebuild a fitted scaler from `Scaler.to_dict()` output, e.g. the model card's entry."""
     kind = raw.get("kind") if isinstance(raw, Mapping) else None
     if kind not in SCALERS:
-        raise CalibrationError(f"scaler kind {kind!r} is unknown; expected one of {sorted(SCALERS)}")
+        raise CalibrationError(
+            f"scaler kind {kind!r} is unknown; expected one of {sorted(SCALERS)}"
+        )
     try:
         return SCALERS[kind].from_dict(raw)  # type: ignore[attr-defined,return-value]
     except (KeyError, TypeError) as error:
-        raise CalibrationError(f"{kind} scaler entry is missing or has a bad field: {error}") from None
+        raise CalibrationError(
+            f"{kind} scaler entry is missing or has a bad field: {error}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +443,9 @@ class FitTemperatureInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    logits: list[list[float]] = Field(description="calibration-split logits, one row per image (n, K)")
+    logits: list[list[float]] = Field(
+        description="calibration-split logits, one row per image (n, K)"
+    )
     labels: list[int] = Field(description="true class index per image, in 0..K-1")
     n_boot: int = Field(200, ge=20, le=10_000, description="bootstrap refits for the interval of T")
     seed: int = Field(0, description="seed of the bootstrap resampling")
@@ -506,11 +529,15 @@ def fit_temperature_arrays(
     )
 
 
-def fit_temperature(request: FitTemperatureInput, progress: Progress = None) -> FitTemperatureOutput:
-    """Fit temperature scaling from the planner tool's JSON arguments; see `fit_temperature_arrays`."""
+def fit_temperature(
+    request: FitTemperatureInput, progress: Progress = None
+) -> FitTemperatureOutput:
+    """Fit temperature scaling from JSON arguments; see `fit_temperature_arrays`."""
     widths = {len(row) for row in request.logits}
     if len(widths) > 1:
-        first = next(i for i, row in enumerate(request.logits) if len(row) != len(request.logits[0]))
+        first = next(
+            i for i, row in enumerate(request.logits) if len(row) != len(request.logits[0])
+        )
         raise CalibrationError(
             f"logits rows have different lengths {sorted(widths)} (first differing row {first})"
         )
@@ -528,14 +555,13 @@ def fit_temperature(request: FitTemperatureInput, progress: Progress = None) -> 
 #
 # NOTE: these four metrics are local copies that must agree with the metric registry in
 # tools/metrics (ids ece_top_label, nll, brier). The binned ECE puts a confidence c in bin
-# (l, u], with the first bin [0, 1/B], as scikit-learn's calibration_curve does. NLL is taken
+# min(floor(c * B), B - 1), so bins are [l, u) and the last is closed at 1. NLL is taken
 # from log-probabilities, so it equals -log p_y without clipping and stays finite when p_y
 # underflows to 0 in float64.
 
 
 def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
-    interior_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
-    return np.searchsorted(interior_edges, confidence, side="left")
+    return np.minimum(np.floor(confidence * n_bins).astype(np.int64), n_bins - 1)
 
 
 class _RowTerms:
@@ -570,7 +596,9 @@ class _RowTerms:
         }
 
 
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_N_BINS) -> list[dict[str, float]]:
+def reliability_bins(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_N_BINS
+) -> list[dict[str, float]]:
     """Return top-label reliability bins: lower, upper, count, mean confidence and accuracy.
 
     Empty bins are kept with NaN confidence and accuracy, so every diagram has `n_bins` rows.
@@ -636,7 +664,9 @@ class RecalibrationVerdict(BaseModel):
         for entry in self.changes:
             if entry.metric == metric:
                 return entry
-        raise KeyError(f"metric {metric!r} is not in this verdict; expected one of {RECALIBRATION_METRICS}")
+        raise KeyError(
+            f"metric {metric!r} is not in this verdict; expected one of {RECALIBRATION_METRICS}"
+        )
 
 
 def _percentile_interval(draws: np.ndarray) -> tuple[float, float]:
@@ -757,3 +787,348 @@ def evaluate_recalibration(
         if progress is not None:
             progress(done, len(conditions))
     return verdicts
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings
+
+FindingKind = Literal[
+    "recalibration_harms", "recalibration_overconfidence_grows", "subgroup_calibration_differs"
+]
+
+
+def _difference_summary(draws: np.ndarray) -> tuple[float, float, float]:
+    low, high = _percentile_interval(draws)
+    return low, high, _bootstrap_p_value(draws)
+
+
+def _finding(
+    kind: FindingKind,
+    condition: str,
+    metric: str,
+    effect: float,
+    draws_or_interval: np.ndarray | tuple[float, float, float],
+    summary: str,
+    evidence: Any,
+) -> dict[str, Any]:
+    if isinstance(draws_or_interval, np.ndarray):
+        low, high, p_value = _difference_summary(draws_or_interval)
+    else:
+        low, high, p_value = draws_or_interval
+    return {
+        "kind": kind,
+        "condition": condition,
+        "metric": metric,
+        "effect": float(effect),
+        "low": low,
+        "high": high,
+        "p_value": p_value,
+        "summary": summary,
+        "evidence": evidence,
+    }
+
+
+def _harm_findings(
+    verdicts: Sequence[RecalibrationVerdict], min_effect: float
+) -> list[dict[str, Any]]:
+    findings = []
+    for verdict in verdicts:
+        ece = verdict.change("ece_top_label")
+        if verdict.verdict != "harmed" or ece.delta < min_effect:
+            continue
+        gap = verdict.change("confidence_gap")
+        summary = (
+            f"Recalibration raised the ECE on {verdict.condition} from {ece.before:.3f} to "
+            f"{ece.after:.3f} (change {ece.delta:+.3f}, 95 % CI {ece.low:+.3f} to {ece.high:+.3f})."
+        )
+        evidence = {
+            "n": verdict.n,
+            "changes": [change.model_dump() for change in verdict.changes],
+            "confidence_gap_before": gap.before,
+            "confidence_gap_after": gap.after,
+        }
+        findings.append(
+            _finding(
+                "recalibration_harms",
+                verdict.condition,
+                "ece_top_label",
+                ece.delta,
+                (ece.low, ece.high, ece.p_value),
+                summary,
+                evidence,
+            )
+        )
+    return findings
+
+
+def _is_underconfident(reference: RecalibrationVerdict, model_direction: str | None) -> bool:
+    if model_direction is not None:
+        return model_direction == "underconfident"
+    return reference.change("confidence_gap").before_high < 0
+
+
+def _severity_findings(
+    by_key: Mapping[str, RecalibrationVerdict],
+    reference: RecalibrationVerdict,
+    severity_of: Mapping[str, tuple[str, int]],
+    min_effect: float,
+) -> list[dict[str, Any]]:
+    """Find shifts under which the recalibrated model's overconfidence grows with severity."""
+    curves: dict[str, list[tuple[int, RecalibrationVerdict]]] = {}
+    for key, (shift, severity) in severity_of.items():
+        if key in by_key:
+            curves.setdefault(shift, []).append((int(severity), by_key[key]))
+
+    reference_gap = reference._draws["confidence_gap"][1]
+    findings = []
+    for shift, points in sorted(curves.items()):
+        points.sort(key=lambda point: point[0])
+        severities = [0] + [severity for severity, _ in points]
+        gaps_after = [reference.change("confidence_gap").after] + [
+            verdict.change("confidence_gap").after for _, verdict in points
+        ]
+        top_severity, top = points[-1]
+        top_gap = top.change("confidence_gap")
+
+        # Overconfident at the highest severity, rising along the curve, and more than on the
+        # reference by at least min_effect.
+        rank_correlation = _spearman(np.array(severities, float), np.array(gaps_after))
+        effect = top_gap.after - gaps_after[0]
+        if top_gap.after_low <= 0 or rank_correlation < 0.8 or effect < min_effect:
+            continue
+
+        top_draws = top._draws["confidence_gap"][1]
+        difference = top_draws - reference_gap if top_draws.size == reference_gap.size else None
+        evidence = {
+            "shift": shift,
+            "spearman": rank_correlation,
+            "curve": [
+                _curve_point(0, reference),
+                *(_curve_point(severity, verdict) for severity, verdict in points),
+            ],
+        }
+        summary = (
+            f"The model was underconfident; after recalibration its confidence exceeds its "
+            f"accuracy by {top_gap.after:.3f} under {shift} at severity {top_severity}, against "
+            f"{gaps_after[0]:+.3f} on {reference.condition}, and the gap grows with severity."
+        )
+        findings.append(
+            _finding(
+                "recalibration_overconfidence_grows",
+                top.condition,
+                "confidence_gap",
+                effect,
+                difference
+                if difference is not None
+                else (top_gap.after_low, top_gap.after_high, math.nan),
+                summary,
+                evidence,
+            )
+        )
+    return findings
+
+
+def _curve_point(severity: int, verdict: RecalibrationVerdict) -> dict[str, Any]:
+    gap = verdict.change("confidence_gap")
+    ece = verdict.change("ece_top_label")
+    return {
+        "severity": severity,
+        "condition": verdict.condition,
+        "confidence_gap_before": gap.before,
+        "confidence_gap_after": gap.after,
+        "confidence_gap_after_low": gap.after_low,
+        "confidence_gap_after_high": gap.after_high,
+        "ece_before": ece.before,
+        "ece_after": ece.after,
+    }
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if x.size < 3 or np.ptp(y) == 0:
+        return math.nan
+    return float(spearmanr(x, y).statistic)
+
+
+def _subgroup_findings(
+    verdicts: Sequence[RecalibrationVerdict],
+    reference: RecalibrationVerdict,
+    subgroup_prefix: str,
+    min_effect: float,
+) -> list[dict[str, Any]]:
+    """Find subgroups whose recalibrated confidence gap differs from the reference set's.
+
+    The signed gap is compared, not the binned ECE, because the ECE of a small subgroup is
+    biased upward by binning noise alone.
+    NOTE: the subgroup's and the reference's resamples are drawn independently although the
+    subgroup is part of the reference set; the positive covariance this ignores makes the
+    interval wider than it needs to be, not narrower.
+    """
+    reference_gap = reference.change("confidence_gap")
+    reference_draws = reference._draws["confidence_gap"][1]
+    findings = []
+    for verdict in verdicts:
+        if not verdict.condition.startswith(subgroup_prefix):
+            continue
+        gap = verdict.change("confidence_gap")
+        difference = verdict._draws["confidence_gap"][1] - reference_draws
+        low, high, p_value = _difference_summary(difference)
+        effect = gap.after - reference_gap.after
+        if (low <= 0 <= high) or abs(effect) < min_effect:
+            continue
+
+        side = "overconfident" if gap.after > 0 else "underconfident"
+        summary = (
+            f"After recalibration, {verdict.condition} is {side} (confidence minus accuracy "
+            f"{gap.after:+.3f}) against {reference_gap.after:+.3f} on {reference.condition}."
+        )
+        evidence = {
+            "n": verdict.n,
+            "reference": reference.condition,
+            "confidence_gap_after": gap.after,
+            "reference_confidence_gap_after": reference_gap.after,
+            "ece_after": verdict.change("ece_top_label").after,
+            "reference_ece_after": reference.change("ece_top_label").after,
+        }
+        findings.append(
+            _finding(
+                "subgroup_calibration_differs",
+                verdict.condition,
+                "confidence_gap",
+                effect,
+                (low, high, p_value),
+                summary,
+                evidence,
+            )
+        )
+    return findings
+
+
+def recalibration_findings(
+    verdicts: Sequence[RecalibrationVerdict],
+    severity_of: Mapping[str, tuple[str, int]] | None = None,
+    reference: str = "clean",
+    model_direction: str | None = None,
+    subgroup_prefix: str = "subgroup:",
+    min_effect: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Return candidate findings from the verdicts of `evaluate_recalibration`.
+
+    Three kinds, each a dict {kind, condition, metric, effect, low, high, p_value, summary,
+    evidence}:
+
+    - "recalibration_harms": a condition whose ECE interval of change lies above 0.
+    - "recalibration_overconfidence_grows": for an underconfident model (`model_direction`
+      from `fit_temperature`, else the reference's confidence gap before recalibration having
+      an interval below 0), a shift whose recalibrated confidence gap is above 0 at its highest
+      severity and rises with severity (Spearman rho >= 0.8 over the reference and each
+      severity). `severity_of` maps condition keys to (shift name, severity). The effect is the
+      rise over the reference, and the evidence holds the severity curve.
+    - "subgroup_calibration_differs": a condition whose key starts with `subgroup_prefix` and
+      whose recalibrated confidence gap differs from the reference's (interval excludes 0).
+
+    Effects below `min_effect` are dropped. Multiple-testing control is left to the caller,
+    which pools the p-values with the audit's other candidate findings.
+    """
+    by_key = {verdict.condition: verdict for verdict in verdicts}
+    if len(by_key) != len(verdicts):
+        raise CalibrationError("verdicts contains the same condition more than once")
+
+    findings = _harm_findings(verdicts, min_effect)
+    if reference not in by_key:
+        return findings
+
+    reference_verdict = by_key[reference]
+    if severity_of and _is_underconfident(reference_verdict, model_direction):
+        findings += _severity_findings(by_key, reference_verdict, severity_of, min_effect)
+    findings += _subgroup_findings(verdicts, reference_verdict, subgroup_prefix, min_effect)
+    return findings
+
+
+# ---------------------------------------------------------------------------------------------
+# A sentence for clinicians
+
+
+def accuracy_near_confidence(
+    probs: ArrayLike, labels: ArrayLike, level: float = 0.9, half_width: float = 0.05
+) -> tuple[float, int]:
+    """Return the accuracy and count of images whose top-label confidence is within
+    `half_width` of `level`; the accuracy is NaN when no image is."""
+    p = _check_logits(probs, name="probs")
+    y = _check_labels(labels, p.shape[0], p.shape[1])
+    confidence = p.max(axis=1)
+    near = np.abs(confidence - level) <= half_width
+    count = int(near.sum())
+    if count == 0:
+        return math.nan, 0
+    return float((p[near].argmax(axis=1) == y[near]).mean()), count
+
+
+def describe_condition(key: str) -> str:
+    """Return a plain phrase for a condition key, e.g. "images with blur at severity 3"."""
+    parts = key.split(":")
+    if parts[0] == "clean":
+        return "images like the training data"
+    if parts[0] == "shift" and len(parts) == 3:
+        return f"images with {parts[1].replace('_', ' ')} at severity {parts[2]}"
+    if parts[0] in ("subgroup", "site") and len(parts) == 3:
+        return f"images where {parts[1]} is {parts[2]}"
+    if parts[0] == "external" and len(parts) == 2:
+        return f"images from {parts[1]}"
+    return f"images of condition {key}"
+
+
+def clinical_sentence(
+    conditions: Mapping[str, tuple[ArrayLike, ArrayLike]],
+    reference: str = "clean",
+    level: float = 0.9,
+    half_width: float = 0.05,
+    min_count: int = 20,
+    descriptions: Mapping[str, str] | None = None,
+) -> str:
+    """Write what a recalibrated confidence of `level` means on the reference and elsewhere.
+
+    `conditions` maps condition keys to recalibrated probabilities (n, K) and labels (n,). Each
+    condition's accuracy is taken over the images whose top-label confidence lies within
+    `half_width` of `level`, which is one reliability bin centred on the level. The sentence
+    names the reference and the condition whose accuracy there differs most from it, e.g.
+    "After recalibration, predicted 90 % means about 90 % on images like the training data, but
+    about 70 % on images from another device." Conditions with fewer than `min_count` such
+    images are left out; `descriptions` overrides the phrase of `describe_condition`.
+    """
+    if reference not in conditions:
+        raise CalibrationError(f"reference {reference!r} is not a key of conditions")
+    if not 0.0 < level < 1.0:
+        raise CalibrationError(f"level must lie in (0, 1); got {level!r}")
+    phrases = dict(descriptions or {})
+
+    def phrase(key: str) -> str:
+        return phrases.get(key) or describe_condition(key)
+
+    accuracy = {}
+    for key, (probs, labels) in conditions.items():
+        value, count = accuracy_near_confidence(probs, labels, level, half_width)
+        if count >= min_count:
+            accuracy[key] = value
+
+    stated = f"{round(level * 100)} %"
+    if reference not in accuracy:
+        return (
+            f"After recalibration, too few {phrase(reference)} receive a confidence near "
+            f"{stated} (fewer than {min_count}) to say what it means."
+        )
+
+    opening = (
+        f"After recalibration, predicted {stated} means about {round(accuracy[reference] * 100)} %"
+    )
+    others = {key: value for key, value in accuracy.items() if key != reference}
+    if not others:
+        return f"{opening} on {phrase(reference)}."
+
+    worst = max(others, key=lambda key: abs(others[key] - accuracy[reference]))
+    linking = "but" if abs(others[worst] - accuracy[reference]) >= 0.05 else "and"
+    return (
+        f"{opening} on {phrase(reference)}, {linking} about {round(others[worst] * 100)} % "
+        f"on {phrase(worst)}."
+    )
