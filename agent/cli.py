@@ -297,6 +297,19 @@ class _ShiftFilter:
         return self.planner.narrate(summary)
 
 
+def _published_weights(spec, num_classes: int, folder: Path) -> Path:
+    """Download published timm weights (only on an explicit --pretrained) into a state dict
+    with a fresh classifier head."""
+    import timm
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    network = timm.create_model(spec.model.arch, pretrained=True, num_classes=num_classes)
+    path = folder / "pretrained_init.pt"
+    torch.save(network.state_dict(), path)
+    return path
+
+
 def _train_demo_model(spec, checkpoint: Path, epochs: int, pretrained: bool) -> None:
     from tools.data import load_dataset
     from tools.models import resolve_device, save_checkpoint, train_classifier
@@ -310,7 +323,9 @@ def _train_demo_model(spec, checkpoint: Path, epochs: int, pretrained: bool) -> 
             spec.model.arch, images, train.labels, dataset.classes,
             input_size=spec.model.input_size, epochs=epochs, seed=spec.audit.seed,
             device=resolve_device(spec.audit.device), class_weights="balanced",
-            pretrained=pretrained, progress=lambda d, t: bars("Training demo model", d, t))
+            init_from=_published_weights(spec, len(dataset.classes), checkpoint.parent)
+            if pretrained else None,
+            progress=lambda d, t: bars("Training demo model", d, t))
     card = {"arch": spec.model.arch, "classes": dataset.classes,
             "input_size": spec.model.input_size,
             "normalization": spec.model.normalization.model_dump(), "outputs": "logits",

@@ -1,0 +1,194 @@
+"""End-to-end: the CLI audits a small real model on ham10000_subset and writes a report whose
+numbers agree with the store and with metrics recomputed independently from stored predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from agent.cli import app
+from tools.store import Store
+
+HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+
+pytestmark = pytest.mark.e2e
+
+REDUCED_PLAN = {
+    "metrics": [{"id": "balanced_accuracy"}, {"id": "accuracy"}, {"id": "auroc"},
+                {"id": "brier"}, {"id": "nll"}, {"id": "ece_top_label", "params": {"n_bins": 15}}],
+    "primary_metric": "balanced_accuracy",
+    "shifts": [{"name": "gaussian_noise", "severities": [2, 5]},
+               {"name": "gaussian_blur", "severities": [5]}],
+    "subgroups": [{"column": "sex"}],
+    "site_column": "dataset",
+    "min_subgroup_size": 30,
+}
+
+
+def write_spec(folder: Path, ham_dir: Path, manifest: Path, checkpoint: Path, **changes) -> Path:
+    spec = {
+        "model": {"arch": "mobilenetv3_small_050", "checkpoint": str(checkpoint),
+                  "classes": HAM_CLASSES, "input_size": 32},
+        "data": {"manifest": str(manifest), "images": str(ham_dir / "images"),
+                 "id_column": "image_id", "label_column": "dx",
+                 "metadata": ["dataset", "sex", "age", "localization"],
+                 "group_column": "lesion_id"},
+        "context": {"domain": "dermatology", "intended_use": "second opinion",
+                    "positive_class": "mel", "malignant_classes": ["mel", "bcc", "akiec"]},
+        "plan": REDUCED_PLAN,
+        "audit": {"bootstrap": 100, "seed": 0},
+    }
+    for key, value in changes.items():
+        spec[key] = value
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, ham_dir, small_ham_manifest, tiny_model):
+    folder = tmp_path_factory.mktemp("e2e")
+    spec = write_spec(folder, ham_dir, small_ham_manifest, tiny_model)
+    store = folder / "audits.duckdb"
+    out = folder / "report"
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(store), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with Store(store) as db:
+        audit_id = db.list_audits()[-1]["id"]
+    return {"folder": folder, "spec": spec, "store": store, "out": out, "audit_id": audit_id,
+            "output": result.output}
+
+
+def test_run_writes_all_three_reports(audited):
+    for name in ("report.html", "report.md", "report.json"):
+        assert (audited["out"] / name).is_file(), name
+
+
+def test_report_json_matches_store(audited):
+    report = json.loads((audited["out"] / "report.json").read_text())
+    with Store(audited["store"]) as db:
+        stored = db.results(audited["audit_id"])
+        findings = db.findings(audited["audit_id"])
+    assert report["audit"]["id"] == audited["audit_id"]
+
+    def whole_set(rows):
+        return {(r["condition"], r["metric"]): r["value"] for r in rows
+                if r["class"] is None and r["value"] is not None}
+
+    assert whole_set(report["results"]) == pytest.approx(whole_set(stored))
+    assert [f["id"] for f in report["findings"]] == [f["id"] for f in findings]
+    expected_keys = {"clean", "shift:gaussian_noise:2", "shift:gaussian_noise:5",
+                     "shift:gaussian_blur:5"}
+    assert expected_keys <= {c["key"] for c in report["conditions"]}
+
+
+@pytest.mark.parametrize("condition", ["clean", "shift:gaussian_noise:5"])
+def test_ece_and_brier_match_independent_recomputation(audited, condition):
+    import torch
+    from sklearn.metrics import brier_score_loss
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    with Store(audited["store"]) as db:
+        predictions = db.predictions(audited["audit_id"], condition)
+        stored = {r["metric"]: r["value"] for r in db.results(audited["audit_id"])
+                  if r["condition"] == condition and r["class"] is None}
+    probs, labels = predictions["probs"], predictions["labels"]
+
+    ece = multiclass_calibration_error(torch.tensor(probs), torch.tensor(labels),
+                                       num_classes=len(HAM_CLASSES), n_bins=15, norm="l1")
+    brier = brier_score_loss(labels, probs, labels=list(range(len(HAM_CLASSES))))
+    by_hand = np.mean(np.sum((probs - np.eye(len(HAM_CLASSES))[labels]) ** 2, axis=1))
+
+    assert stored["ece_top_label"] == pytest.approx(float(ece), abs=1e-9)
+    assert stored["brier"] == pytest.approx(by_hand, abs=1e-12)
+    # scikit-learn >= 1.7 sums over classes for multiclass input, as the engine does.
+    assert brier == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_html_report_shows_clean_balanced_accuracy(audited):
+    report = json.loads((audited["out"] / "report.json").read_text())
+    value = next(r["value"] for r in report["results"] if r["condition"] == "clean"
+                 and r["metric"] == "balanced_accuracy" and r["class"] is None)
+    html = (audited["out"] / "report.html").read_text()
+    assert f"{value:.3f}" in html
+
+
+def test_subgroups_and_sites_are_conditions(audited):
+    with Store(audited["store"]) as db:
+        conditions = {c.key: c for c in db.conditions(audited["audit_id"])}
+    assert "subgroup:sex:male" in conditions
+    sites = [c for c in conditions.values() if c.kind == "site"]
+    assert {c.name for c in sites} <= {"vidir_molemax", "vidir_modern", "rosendahl", "vienna_dias"}
+    assert all(c.too_small == (c.n < 30) for c in conditions.values() if c.kind in ("site", "subgroup"))
+
+
+def test_failing_gate_exits_one_and_lists_it(audited, ham_dir, small_ham_manifest, tiny_model):
+    folder = audited["folder"] / "gate"
+    folder.mkdir()
+    spec = write_spec(folder, ham_dir, small_ham_manifest, tiny_model,
+                      gates=[{"metric": "balanced_accuracy", "condition": "clean",
+                              "min_value": 0.99}],
+                      plan={**REDUCED_PLAN, "shifts": [], "subgroups": [], "site_column": None})
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(audited["store"]),
+                                      "--out", str(folder / "out")])
+    assert result.exit_code == 1, result.output
+    assert "balanced_accuracy" in result.output
+    assert "below 0.99" in result.output
+
+
+def test_unknown_spec_field_exits_two_naming_it(audited, ham_dir, small_ham_manifest, tiny_model):
+    folder = audited["folder"] / "unknown"
+    folder.mkdir()
+    spec = write_spec(folder, ham_dir, small_ham_manifest, tiny_model,
+                      audit={"bootstrap": 10, "bootsrap": 5})
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(audited["store"])])
+    assert result.exit_code == 2
+    assert "audit.bootsrap: unknown field" in result.output
+
+
+def test_missing_image_exits_two_and_keeps_store(audited, ham_dir, small_ham_manifest, tiny_model):
+    import pandas as pd
+
+    folder = audited["folder"] / "missing"
+    folder.mkdir()
+    table = pd.read_csv(small_ham_manifest)
+    table.loc[3, "image_id"] = "ISIC_does_not_exist"
+    manifest = folder / "metadata.csv"
+    table.to_csv(manifest, index=False)
+    spec = write_spec(folder, ham_dir, manifest, tiny_model)
+    with Store(audited["store"]) as db:
+        before = len(db.list_audits())
+        results_before = len(db.results(audited["audit_id"]))
+
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(audited["store"])])
+
+    assert result.exit_code == 2
+    assert "ISIC_does_not_exist" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    with Store(audited["store"]) as db:
+        assert len(db.list_audits()) == before
+        assert len(db.results(audited["audit_id"])) == results_before
+
+
+def test_checkpoint_for_other_architecture_exits_two(audited, ham_dir, small_ham_manifest,
+                                                     tiny_model):
+    folder = audited["folder"] / "arch"
+    folder.mkdir()
+    spec = write_spec(folder, ham_dir, small_ham_manifest, tiny_model,
+                      model={"arch": "resnet18", "checkpoint": str(tiny_model),
+                             "classes": HAM_CLASSES, "input_size": 32})
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(audited["store"])])
+    assert result.exit_code == 2
+    assert str(tiny_model) in result.output.replace("\n", "")
+
+
+def test_demo_without_data_explains_how_to_point_at_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLINAUDIT_DATA", raising=False)
+    result = CliRunner().invoke(app, ["demo", "--data", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2
+    assert "ham10000_subset" in result.output
