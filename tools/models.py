@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -265,7 +266,11 @@ def _load_torchscript(path: Path, device: str) -> "torch.nn.Module":
     import torch
 
     try:
-        return torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():
+            # torch 2.10+ marks TorchScript as deprecated, but models exported as TorchScript still
+            # load and run, and auditing them is a supported input.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*jit.*deprecated")
+            return torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"{path}: cannot load as TorchScript ({first})") from None
