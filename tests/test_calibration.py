@@ -1,7 +1,7 @@
 """Tests of tools/calibration.py on synthetic logits whose true calibration is known.
 
 Labels are drawn from a chosen softmax of the logits with a fixed seed, so the parameters each
-scaler should recover are known, and the metrics are recomputed here with scikit-learn or plain
+scaler should recover are known. The metrics are recomputed here with scikit-learn or plain
 numpy rather than with the code under test.
 """
 
@@ -29,7 +29,6 @@ from tools.calibration import (
     fit_temperature_arrays,
     make_scaler,
     recalibration_findings,
-    reliability_bins,
     scaler_from_dict,
 )
 
@@ -322,19 +321,13 @@ def test_identity_scaler_gives_zero_paired_change():
         assert change.p_value == 1.0
 
 
-def test_reliability_bins_match_hand_count():
-    probs = np.array([[0.95, 0.05], [0.91, 0.09], [0.38, 0.62], [0.55, 0.45], [0.05, 0.95]])
-    labels = np.array([0, 1, 1, 0, 1])
+def test_verdict_reliability_bins_cover_every_image(overconfident_audit):
+    _, conditions, verdicts = overconfident_audit
 
-    bins = reliability_bins(probs, labels, n_bins=10)
-
-    assert len(bins) == 10
-    assert [b["count"] for b in bins] == [0, 0, 0, 0, 0, 1, 1, 0, 0, 3]
-    assert bins[9]["confidence"] == pytest.approx((0.95 + 0.91 + 0.95) / 3)
-    assert bins[9]["accuracy"] == pytest.approx(2 / 3)
-    assert bins[5]["accuracy"] == pytest.approx(1.0)
-    assert (bins[9]["lower"], bins[9]["upper"]) == (0.9, 1.0)
-    assert np.isnan(bins[0]["accuracy"])
+    for key, (_, labels) in conditions.items():
+        for bins in (verdicts[key].reliability_before, verdicts[key].reliability_after):
+            assert len(bins) == 15
+            assert sum(b["count"] for b in bins) == labels.size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -331,8 +331,8 @@ class PlattScaler(_ScalerBase):
 
     For a model with one output logit z the classifier returns [0, z], so s = z. Fitted by
     maximum likelihood on the 0/1 labels with L-BFGS-B and the analytic gradient.
-    NOTE: Platt's original method smooths the targets to (N+ + 1) / (N+ + 2) and 1 / (N- + 2);
-    this fit uses the labels as they are.
+    NOTE: Platt's original method smooths the targets to (N+ + 1) / (N+ + 2) and 1 / (N- + 2).
+    This fit uses the 0/1 labels as they are.
     """
 
     kind: ClassVar[str] = "platt"
@@ -452,7 +452,7 @@ class FitTemperatureInput(BaseModel):
 
 
 class FitTemperatureOutput(BaseModel):
-    """The fitted temperature, its bootstrap interval and what it says about the model."""
+    """The fitted temperature, its bootstrap interval and the direction of miscalibration."""
 
     temperature: float = Field(description="T; probabilities are softmax(logits / T)")
     low: float = Field(description="2.5th percentile of T over bootstrap refits")
@@ -470,7 +470,7 @@ class FitTemperatureOutput(BaseModel):
 
 
 def _bootstrap_count_weights(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Return (n_boot, n) resample counts: row b says how often each image is drawn."""
+    """Return (n_boot, n) resample counts: row b counts how often each image is drawn."""
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
 
 
@@ -553,75 +553,11 @@ def fit_temperature(
 # ---------------------------------------------------------------------------------------------
 # Metrics before and after recalibration
 #
-# NOTE: these four metrics are local copies that must agree with the metric registry in
-# tools/metrics (ids ece_top_label, nll, brier). The binned ECE puts a confidence c in bin
-# min(floor(c * B), B - 1), so bins are [l, u) and the last is closed at 1. NLL is taken
-# from log-probabilities, so it equals -log p_y without clipping and stays finite when p_y
-# underflows to 0 in float64.
+# ECE, NLL and Brier score come from the metric registry in tools.metrics. The confidence gap is
+# not a registry metric, so it is computed here, on resamples drawn the way tools.metrics draws
+# them (counts of n indices drawn uniformly from the seeded generator).
 
-
-def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
-    return np.minimum(np.floor(confidence * n_bins).astype(np.int64), n_bins - 1)
-
-
-class _RowTerms:
-    """Per-image terms from which each metric is a (weighted) sum, so the bootstrap is matmuls."""
-
-    def __init__(self, log_probs: np.ndarray, labels: np.ndarray, n_bins: int) -> None:
-        n, k = log_probs.shape
-        rows = np.arange(n)
-        probs = np.exp(log_probs)
-
-        self.confidence = probs.max(axis=1)
-        self.correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-        self.nll = -log_probs[rows, labels]
-        one_hot = np.zeros((n, k))
-        one_hot[rows, labels] = 1.0
-        self.brier = ((probs - one_hot) ** 2).sum(axis=1)
-
-        # Row i of `bin_gap` holds confidence - correctness in the column of its bin, so
-        # counts @ bin_gap gives each bin's summed gap under any resample.
-        self.bin_gap = np.zeros((n, n_bins))
-        self.bin_gap[rows, _bin_index(self.confidence, n_bins)] = self.confidence - self.correct
-        self.probs = probs
-
-    def metrics(self, counts: np.ndarray) -> dict[str, np.ndarray]:
-        """Return each metric under every row of `counts` (B, n), as (B,) arrays."""
-        total = counts.sum(axis=1)
-        return {
-            "ece_top_label": np.abs(counts @ self.bin_gap).sum(axis=1) / total,
-            "nll": counts @ self.nll / total,
-            "brier": counts @ self.brier / total,
-            "confidence_gap": counts @ (self.confidence - self.correct) / total,
-        }
-
-
-def reliability_bins(
-    probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_N_BINS
-) -> list[dict[str, float]]:
-    """Return top-label reliability bins: lower, upper, count, mean confidence and accuracy.
-
-    Empty bins are kept with NaN confidence and accuracy, so every diagram has `n_bins` rows.
-    """
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    index = _bin_index(confidence, n_bins)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-
-    bins = []
-    for b in range(n_bins):
-        member = index == b
-        count = int(member.sum())
-        bins.append(
-            {
-                "lower": float(edges[b]),
-                "upper": float(edges[b + 1]),
-                "count": count,
-                "confidence": float(confidence[member].mean()) if count else math.nan,
-                "accuracy": float(correct[member].mean()) if count else math.nan,
-            }
-        )
-    return bins
+REGISTRY_METRICS = ("ece_top_label", "nll", "brier")
 
 
 class MetricChange(BaseModel):
@@ -638,6 +574,7 @@ class MetricChange(BaseModel):
     low: float = Field(description="2.5th percentile of the paired bootstrap change")
     high: float = Field(description="97.5th percentile of the paired bootstrap change")
     p_value: float = Field(description="two-sided bootstrap p-value of a change of 0")
+    reason: str | None = Field(None, description="why a value is NaN, from the metric registry")
 
 
 Verdict = Literal["helped", "harmed", "no clear change"]
@@ -652,12 +589,12 @@ class RecalibrationVerdict(BaseModel):
         description="helped when the ECE change interval lies below 0, harmed when above 0"
     )
     changes: list[MetricChange]
-    reliability_before: list[dict[str, float]]
-    reliability_after: list[dict[str, float]]
+    reliability_before: list[dict[str, float | None]]
+    reliability_after: list[dict[str, float | None]]
 
-    # Bootstrap draws (metric -> (before, after), each (n_boot,)) for comparisons between
-    # conditions in `recalibration_findings`. Not serialised.
-    _draws: dict[str, tuple[np.ndarray, np.ndarray]] = PrivateAttr(default_factory=dict)
+    # Bootstrap draws of the confidence gap (before, after), each (n_boot,), which
+    # `recalibration_findings` compares between conditions. Not serialised.
+    _gap_draws: tuple[np.ndarray, np.ndarray] = PrivateAttr()
 
     def change(self, metric: str) -> MetricChange:
         """Return the entry of `metric` (one of RECALIBRATION_METRICS)."""
@@ -676,31 +613,90 @@ def _percentile_interval(draws: np.ndarray) -> tuple[float, float]:
 
 def _bootstrap_p_value(draws: np.ndarray) -> float:
     """Return the two-sided bootstrap p-value of 0, with the +1 correction so it is never 0."""
-    below = (np.count_nonzero(draws <= 0) + 1) / (draws.size + 1)
-    above = (np.count_nonzero(draws >= 0) + 1) / (draws.size + 1)
-    return float(min(1.0, 2.0 * min(below, above)))
+    tail = min(np.count_nonzero(draws <= 0), np.count_nonzero(draws >= 0))
+    return float(min(1.0, 2.0 * (tail + 1) / (draws.size + 1)))
 
 
-def _paired_draws(
-    before: _RowTerms, after: _RowTerms, n_boot: int, seed: int
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Return bootstrap draws of each metric before and after, on the same resamples."""
-    n = before.confidence.size
+def _registry_changes(
+    probs_before: np.ndarray,
+    probs_after: np.ndarray,
+    labels: np.ndarray,
+    n_boot: int,
+    seed: int,
+    n_bins: int,
+) -> list[MetricChange]:
+    """Return ECE, NLL and Brier score before and after, with registry bootstrap intervals."""
+    from tools.metrics import bootstrap_metrics, paired_bootstrap
+
+    specs: list[str | tuple[str, dict]] = [("ece_top_label", {"n_bins": n_bins}), "nll", "brier"]
+    keys = [f"ece_top_label@n_bins={n_bins}", "nll", "brier"]
+    before = bootstrap_metrics(specs, probs_before, labels, n_boot=n_boot, seed=seed)
+    after = bootstrap_metrics(specs, probs_after, labels, n_boot=n_boot, seed=seed)
+    difference = paired_bootstrap(
+        specs, probs_before, probs_after, labels, n_boot=n_boot, seed=seed
+    )
+
+    changes = []
+    for metric, key in zip(REGISTRY_METRICS, keys, strict=True):
+        changes.append(
+            MetricChange(
+                metric=metric,
+                before=before[key].value,
+                before_low=before[key].low,
+                before_high=before[key].high,
+                after=after[key].value,
+                after_low=after[key].low,
+                after_high=after[key].high,
+                delta=difference[key].delta,
+                low=difference[key].low,
+                high=difference[key].high,
+                p_value=difference[key].p_value,
+                reason=difference[key].reason,
+            )
+        )
+    return changes
+
+
+def _confidence_gap_terms(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return per-image top-label confidence minus correctness (1 right, 0 wrong)."""
+    correct = probs.argmax(axis=1) == labels
+    return probs.max(axis=1) - correct
+
+
+def _confidence_gap_change(
+    probs_before: np.ndarray, probs_after: np.ndarray, labels: np.ndarray, n_boot: int, seed: int
+) -> tuple[MetricChange, tuple[np.ndarray, np.ndarray]]:
+    """Return the confidence gap before and after, and its draws, on shared resamples."""
+    terms_before = _confidence_gap_terms(probs_before, labels)
+    terms_after = _confidence_gap_terms(probs_after, labels)
+    n = labels.size
+
     rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, 4_000_000 // n))
+    draws_before = np.empty(n_boot)
+    draws_after = np.empty(n_boot)
+    for b in range(n_boot):
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)
+        draws_before[b] = counts @ terms_before / n
+        draws_after[b] = counts @ terms_after / n
 
-    parts_before: dict[str, list[np.ndarray]] = {m: [] for m in RECALIBRATION_METRICS}
-    parts_after: dict[str, list[np.ndarray]] = {m: [] for m in RECALIBRATION_METRICS}
-    for start in range(0, n_boot, chunk):
-        counts = _bootstrap_count_weights(n, min(chunk, n_boot - start), rng)
-        for metric, values in before.metrics(counts).items():
-            parts_before[metric].append(values)
-        for metric, values in after.metrics(counts).items():
-            parts_after[metric].append(values)
-
-    draws_before = {m: np.concatenate(v) for m, v in parts_before.items()}
-    draws_after = {m: np.concatenate(v) for m, v in parts_after.items()}
-    return draws_before, draws_after
+    delta_draws = draws_after - draws_before
+    before_low, before_high = _percentile_interval(draws_before)
+    after_low, after_high = _percentile_interval(draws_after)
+    low, high = _percentile_interval(delta_draws)
+    change = MetricChange(
+        metric="confidence_gap",
+        before=float(terms_before.mean()),
+        before_low=before_low,
+        before_high=before_high,
+        after=float(terms_after.mean()),
+        after_low=after_low,
+        after_high=after_high,
+        delta=float(terms_after.mean() - terms_before.mean()),
+        low=low,
+        high=high,
+        p_value=_bootstrap_p_value(delta_draws),
+    )
+    return change, (draws_before, draws_after)
 
 
 def _verdict_from_ece(change: MetricChange) -> Verdict:
@@ -722,12 +718,14 @@ def evaluate_recalibration(
     """Compare calibration before and after `scaler` on each condition.
 
     `conditions` maps a condition key (e.g. "clean", "shift:gaussian_noise:3") to its logits
-    (n, K) and labels (n,). For each, top-label ECE with `n_bins` equal-width bins, NLL, Brier
-    score (summed over classes) and the confidence gap (mean top-label confidence minus accuracy)
-    are computed on softmax(logits) and on the scaler's output, with 95 % percentile intervals
-    from `n_boot` resamples shared by before and after. Every condition is resampled from the
-    same `seed`, so conditions that list the same images in the same order (the clean test set
-    and its shifts) get the same resamples, and their draws can be compared pairwise.
+    (n, K) and labels (n,). Four metrics are computed on softmax(logits) and on the scaler's
+    output: top-label ECE with `n_bins` equal-width bins, NLL, Brier score (summed over classes)
+    and the confidence gap (mean top-label confidence minus accuracy). Their 95 % percentile
+    intervals come from `n_boot` resamples shared by before and after.
+
+    Every condition is resampled from the same `seed`. Conditions that list the same images in
+    the same order (the clean test set and its shifts) therefore get the same resamples, and
+    their draws can be compared pairwise.
     """
     if not isinstance(n_boot, (int, np.integer)) or n_boot < 20:
         raise CalibrationError(f"n_boot must be an integer of at least 20; got {n_boot!r}")
@@ -735,6 +733,8 @@ def evaluate_recalibration(
         raise CalibrationError(f"n_bins must be a positive integer; got {n_bins!r}")
     if not conditions:
         raise CalibrationError("conditions is empty; expected at least one condition key")
+
+    from tools.metrics import reliability_bins
 
     verdicts = []
     for done, (key, pair) in enumerate(conditions.items(), start=1):
@@ -745,44 +745,21 @@ def evaluate_recalibration(
         z = _check_logits(logits, name=f"conditions[{key!r}] logits")
         y = _check_labels(labels, z.shape[0], z.shape[1], name=f"conditions[{key!r}] labels")
 
-        before = _RowTerms(log_softmax(z), y, n_bins)
-        after = _RowTerms(scaler.log_proba(z), y, n_bins)
-        ones = np.ones((1, z.shape[0]))
-        point_before = before.metrics(ones)
-        point_after = after.metrics(ones)
-        draws_before, draws_after = _paired_draws(before, after, n_boot, seed)
-
-        changes = []
-        for metric in RECALIBRATION_METRICS:
-            delta_draws = draws_after[metric] - draws_before[metric]
-            before_low, before_high = _percentile_interval(draws_before[metric])
-            after_low, after_high = _percentile_interval(draws_after[metric])
-            low, high = _percentile_interval(delta_draws)
-            changes.append(
-                MetricChange(
-                    metric=metric,
-                    before=float(point_before[metric][0]),
-                    before_low=before_low,
-                    before_high=before_high,
-                    after=float(point_after[metric][0]),
-                    after_low=after_low,
-                    after_high=after_high,
-                    delta=float(point_after[metric][0] - point_before[metric][0]),
-                    low=low,
-                    high=high,
-                    p_value=_bootstrap_p_value(delta_draws),
-                )
-            )
+        probs_before = softmax(z)
+        probs_after = scaler.transform(z)
+        changes = _registry_changes(probs_before, probs_after, y, n_boot, seed, n_bins)
+        gap_change, gap_draws = _confidence_gap_change(probs_before, probs_after, y, n_boot, seed)
+        changes.append(gap_change)
 
         verdict = RecalibrationVerdict(
             condition=key,
             n=int(z.shape[0]),
             verdict=_verdict_from_ece(changes[0]),
             changes=changes,
-            reliability_before=reliability_bins(before.probs, y, n_bins),
-            reliability_after=reliability_bins(after.probs, y, n_bins),
+            reliability_before=reliability_bins(probs_before, y, n_bins),
+            reliability_after=reliability_bins(probs_after, y, n_bins),
         )
-        verdict._draws = {m: (draws_before[m], draws_after[m]) for m in RECALIBRATION_METRICS}
+        verdict._gap_draws = gap_draws
         verdicts.append(verdict)
         if progress is not None:
             progress(done, len(conditions))
@@ -879,7 +856,7 @@ def _severity_findings(
         if key in by_key:
             curves.setdefault(shift, []).append((int(severity), by_key[key]))
 
-    reference_gap = reference._draws["confidence_gap"][1]
+    reference_gap = reference._gap_draws[1]
     findings = []
     for shift, points in sorted(curves.items()):
         points.sort(key=lambda point: point[0])
@@ -897,8 +874,9 @@ def _severity_findings(
         if top_gap.after_low <= 0 or rank_correlation < 0.8 or effect < min_effect:
             continue
 
-        top_draws = top._draws["confidence_gap"][1]
-        difference = top_draws - reference_gap if top_draws.size == reference_gap.size else None
+        # Paired when the shift lists the reference's images in the same order, because both
+        # conditions then share their resamples (see evaluate_recalibration).
+        difference = top._gap_draws[1] - reference_gap
         evidence = {
             "shift": shift,
             "spearman": rank_correlation,
@@ -961,18 +939,18 @@ def _subgroup_findings(
 
     The signed gap is compared, not the binned ECE, because the ECE of a small subgroup is
     biased upward by binning noise alone.
-    NOTE: the subgroup's and the reference's resamples are drawn independently although the
-    subgroup is part of the reference set; the positive covariance this ignores makes the
+    NOTE: the subgroup's and the reference's resamples are drawn independently, although the
+    subgroup is part of the reference set. Ignoring that positive covariance makes the
     interval wider than it needs to be, not narrower.
     """
     reference_gap = reference.change("confidence_gap")
-    reference_draws = reference._draws["confidence_gap"][1]
+    reference_draws = reference._gap_draws[1]
     findings = []
     for verdict in verdicts:
         if not verdict.condition.startswith(subgroup_prefix):
             continue
         gap = verdict.change("confidence_gap")
-        difference = verdict._draws["confidence_gap"][1] - reference_draws
+        difference = verdict._gap_draws[1] - reference_draws
         low, high, p_value = _difference_summary(difference)
         effect = gap.after - reference_gap.after
         if (low <= 0 <= high) or abs(effect) < min_effect:
