@@ -445,6 +445,51 @@ def compare(
     console.print(table)
 
 
+@app.command()
+def mitigate(
+    audit_id: str = typer.Argument(..., help="Audit whose damaging shifts to train against."),
+    store: Optional[Path] = StoreOption,
+    out: Optional[Path] = OutOption,
+    epochs: int = typer.Option(5, help="Fine-tuning epochs."),
+    time_limit: float = typer.Option(1800, help="Training time limit in seconds."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Train a new model instead "
+                                      "of fine-tuning the audited checkpoint."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate."),
+) -> None:
+    """Augment-and-retrain: fine-tune against the audit's damaging shifts, re-audit, and report
+    how much of the lost performance came back."""
+    from rich.table import Table
+
+    from tools.report import write_audit_report
+    from tools.retrain import AugmentRetrainInput, augment_and_retrain
+    from tools.store import Store
+
+    store_file = store_path(store)
+    out = out or Path("audits") / f"{audit_id}-mitigated"
+    with bad_input_exits():
+        request = AugmentRetrainInput(audit_id=audit_id, store=store_file, out_dir=out,
+                                      epochs=epochs, time_limit_s=time_limit,
+                                      from_scratch=from_scratch, lr=lr)
+        with ProgressBars() as bars:
+            result = augment_and_retrain(request, progress=bars)
+        with Store(store_file) as db:
+            paths = write_audit_report(db, result.new_audit_id, out)
+
+    table = Table(title=f"Recovery of {result.metric}: audit {audit_id} -> {result.new_audit_id}")
+    for column in ("condition", "clean", "before", "after", "recovered"):
+        table.add_column(column)
+    for row in result.conditions:
+        recovered = row.note if row.recovered_fraction is None else f"{row.recovered_fraction:.0%}"
+        table.add_row(row.condition, f"{row.clean:.3f}", f"{row.before:.3f}", f"{row.after:.3f}",
+                      recovered)
+    console.print(table)
+    overall = result.overall_recovered_fraction
+    console.print(f"Clean {result.metric}: {result.clean_before:.3f} -> {result.clean_after:.3f}. "
+                  f"Overall recovered: {'n/a' if overall is None else f'{overall:.0%}'}.")
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
