@@ -1032,7 +1032,7 @@ def accuracy_near_confidence(
     probs: ArrayLike, labels: ArrayLike, level: float = 0.9, half_width: float = 0.05
 ) -> tuple[float, int]:
     """Return the accuracy and count of images whose top-label confidence is within
-    `half_width` of `level`; the accuracy is NaN when no image is."""
+    `half_width` of `level`. The accuracy is NaN when the count is 0."""
     p = _check_logits(probs, name="probs")
     y = _check_labels(labels, p.shape[0], p.shape[1])
     confidence = p.max(axis=1)
