@@ -92,7 +92,8 @@ def run(state: AuditState, config: dict | None = None) -> dict[str, Any]:
     with Store(state["store_path"]) as store:
         store.update_audit(state["audit_id"], status="running")
         runner = AuditRunner(spec, chosen, store, state["audit_id"],
-                             AuditInputs(loaded.classifier, test, loaded.externals),
+                             AuditInputs(loaded.classifier, test, loaded.externals,
+                                         calibration=loaded.dataset.part("calibration")),
                              progress=options.get("progress"))
         summary = runner.run()
         store.update_audit(state["audit_id"], meta={

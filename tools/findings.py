@@ -49,6 +49,7 @@ def detect_findings(
     metric_info: Callable[[str], tuple[str, str, bool]],
     min_relevant_difference: float = 0.05,
     fdr: float = 0.05,
+    extra_candidates: list[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Select findings among the stored differences of one audit.
 
@@ -58,6 +59,10 @@ def detect_findings(
         p_value, paired, reference_value, condition_value.
     conditions : condition key -> {key, kind, name, params, too_small}.
     metric_info : metric id -> (display name, family, higher_is_better).
+
+    extra_candidates : candidate findings formed elsewhere (recalibration, referral), each with
+        kind, condition, metric, effect, low, high, p_value, summary, evidence and an interval
+        that already excludes zero. They enter the same Benjamini–Hochberg procedure.
 
     Returns the findings as dicts (id, kind, condition, metric, effect, low, high, p_value,
     q_value, light, summary, evidence), the largest effect first.
@@ -82,9 +87,15 @@ def detect_findings(
         bad_low, bad_high = sorted((sign * low, sign * high)) if low is not None and high is not None else (None, None)
         candidates.append((row, condition, display, family, effect, bad_low, bad_high, p_value))
 
-    if not candidates:
+    extra = [c for c in extra_candidates
+             if c.get("p_value") is not None and np.isfinite(c["p_value"])
+             and c.get("effect") is not None and c["effect"] >= min_relevant_difference]
+    if not candidates and not extra:
         return []
-    q_values = false_discovery_control([c[-1] for c in candidates], method="bh")
+    p_values = [c[-1] for c in candidates] + [c["p_value"] for c in extra]
+    q_values = false_discovery_control(p_values, method="bh")
+    extra_q = q_values[len(candidates):]
+    q_values = q_values[:len(candidates)]
 
     findings = []
     for (row, condition, display, family, effect, low, high, p_value), q_value in zip(candidates, q_values):
@@ -122,6 +133,14 @@ def detect_findings(
                 "condition_kind": condition["kind"],
             },
         })
+
+    for candidate, q_value in zip(extra, extra_q):
+        if q_value > fdr:
+            continue
+        light = "red" if candidate["effect"] >= 2 * min_relevant_difference else "amber"
+        findings.append({**candidate, "effect": float(candidate["effect"]),
+                         "q_value": float(q_value), "light": light,
+                         "evidence": candidate.get("evidence", {})})
 
     findings.sort(key=lambda f: -f["effect"])
     for number, finding in enumerate(findings, start=1):

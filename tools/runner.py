@@ -31,6 +31,7 @@ class AuditInputs:
     classifier: Any  # tools.models.Classifier
     test: Any  # tools.data.Dataset, the test split
     externals: dict[str, Any]  # name -> tools.data.Dataset
+    calibration: Any = None  # tools.data.Dataset, the calibration split; None skips recalibration
 
 
 def metric_entries(plan: AuditPlan) -> list[tuple[str, dict]]:
@@ -124,6 +125,8 @@ class AuditRunner:
         self._subgroups(labels, clean_probs)
         self._prevalence(labels, clean_probs)
         self._externals(clean_probs, labels)
+        if self.inputs.calibration is not None and len(self.inputs.calibration.ids):
+            self._recalibration()
 
         self.timings["total_seconds"] = time.perf_counter() - started
         return {"timings": self.timings}
@@ -296,6 +299,65 @@ class AuditRunner:
             self._record_reliability(key, probs, dataset.labels)
 
 
+    def _calibration_split_probs(self) -> np.ndarray:
+        """Predict the calibration split once; the probabilities are kept as an artifact."""
+        stored = self.store.artifact(self.audit_id, "calibration_split_probs")
+        if stored is not None:
+            return np.asarray(stored, dtype=np.float64)
+        calibration = self.inputs.calibration
+        images = calibration.images(self.inputs.classifier.input_size)
+        probs = self.inputs.classifier.predict_proba(
+            images, batch_size=self.settings.batch_size,
+            progress=lambda d, t: self.progress("Predicting calibration split", d, t))
+        self.store.save_artifact(self.audit_id, "calibration_split_probs", probs)
+        return probs
+
+    def _recalibration(self) -> None:
+        """Fit temperature scaling on the calibration split, then check under every condition
+        whether it helped or harmed calibration."""
+        from tools.calibration import (clinical_sentence, evaluate_recalibration,
+                                       fit_temperature_arrays, recalibration_findings,
+                                       scaler_from_dict)
+
+        if self.store.artifact(self.audit_id, "calibration") is not None:
+            return
+        self.progress("Temperature scaling", 0, 2)
+        calibration = self.inputs.calibration
+        # Log-probabilities are logits up to a per-row constant, which softmax ignores.
+        cal_logits = np.log(np.clip(self._calibration_split_probs(), 1e-300, None))
+        fit = fit_temperature_arrays(cal_logits, calibration.labels,
+                                     n_boot=min(self.settings.bootstrap, 200) or 20,
+                                     seed=self.settings.seed)
+        scaler = scaler_from_dict(fit.scaler)
+
+        conditions, severity_of = {}, {}
+        for condition in self.store.conditions(self.audit_id):
+            if condition.too_small or condition.kind in ("prevalence",):
+                continue
+            stored = self.store.predictions(self.audit_id, condition.key)
+            conditions[condition.key] = (np.log(np.clip(stored["probs"], 1e-300, None)),
+                                         stored["labels"])
+            if condition.kind == "shift":
+                severity_of[condition.key] = (condition.name, condition.params["severity"])
+        self.progress("Temperature scaling", 1, 2)
+        verdicts = evaluate_recalibration(scaler, conditions, n_boot=self.settings.bootstrap,
+                                          seed=self.settings.seed)
+        candidates = recalibration_findings(
+            verdicts, severity_of=severity_of, model_direction=fit.direction,
+            min_effect=self.settings.min_relevant_difference)
+        recalibrated = {key: (scaler.transform(z), y) for key, (z, y) in conditions.items()}
+        sentence = clinical_sentence(recalibrated)
+        self.store.save_artifact(self.audit_id, "calibration", {
+            "method": "temperature",
+            "temperature": fit.temperature, "low": fit.low, "high": fit.high,
+            "direction": fit.direction, "nll_before": fit.nll_before, "nll_after": fit.nll_after,
+            "n_calibration": fit.n, "sentence": sentence,
+            "verdicts": [v.model_dump(mode="json") for v in verdicts],
+        })
+        self.store.save_artifact(self.audit_id, "calibration_candidates", candidates)
+        self.progress("Temperature scaling", 2, 2)
+
+
 def find_and_store_findings(store: Store, audit_id: str, spec: AuditSpec) -> list[dict[str, Any]]:
     """Run failure-mode detection over every stored difference of the audit and store it."""
     from tools.findings import detect_findings
@@ -309,7 +371,10 @@ def find_and_store_findings(store: Store, audit_id: str, spec: AuditSpec) -> lis
 
     conditions = {c.key: {"key": c.key, "kind": c.kind, "name": c.name, "params": c.params,
                           "too_small": c.too_small} for c in store.conditions(audit_id)}
+    extra = (store.artifact(audit_id, "calibration_candidates") or []) + (
+        store.artifact(audit_id, "referral_candidates") or [])
     findings = detect_findings(store.differences(audit_id), conditions, info,
-                               spec.audit.min_relevant_difference, spec.audit.fdr)
+                               spec.audit.min_relevant_difference, spec.audit.fdr,
+                               extra_candidates=extra)
     store.save_findings(audit_id, findings)
     return findings
