@@ -298,7 +298,8 @@ def test_unknown_label_names_line_value_and_classes(small_ham: Path) -> None:
     message = str(error.value)
     assert "line 8" in message
     assert "'melanoma?'" in message
-    assert "akiec" in message and "vasc" in message
+    assert "akiec" in message
+    assert "vasc" in message
     assert "\n" not in message
 
 
@@ -349,7 +350,7 @@ def test_empty_manifest_is_rejected(tmp_path: Path) -> None:
 
 
 @needs_ham
-def test_split_without_test_images_of_a_class_is_rejected(small_ham: Path) -> None:
+def test_split_missing_test_class_rejected(small_ham: Path) -> None:
     table = pd.read_csv(small_ham / "metadata.csv")
     table["part"] = np.where(table["dx"] == "df", "train", ["train", "test"] * 14)
     table.to_csv(small_ham / "metadata.csv", index=False)
@@ -441,3 +442,31 @@ def test_external_manifest_fills_missing_metadata(small_ham: Path) -> None:
     assert list(dataset.metadata.columns) == METADATA + ["lesion_id"]
     assert dataset.metadata["localization"].isna().all()
     assert dataset.metadata["sex"].tolist() == table["sex"].tolist()
+
+
+@needs_ham
+def test_repeated_image_id_is_rejected(small_ham: Path) -> None:
+    table = pd.read_csv(small_ham / "metadata.csv")
+    table.loc[9, "image_id"] = table.loc[2, "image_id"]
+    table.to_csv(small_ham / "metadata.csv", index=False)
+
+    with pytest.raises(DataError, match=f"line 11: image_id '{table.loc[2, 'image_id']}' already appears on line 4"):
+        load_dataset(ham_spec(small_ham), classes=None)
+
+
+@needs_ham
+def test_empty_id_names_line(small_ham: Path) -> None:
+    table = pd.read_csv(small_ham / "metadata.csv")
+    table.loc[0, "image_id"] = None
+    table.to_csv(small_ham / "metadata.csv", index=False)
+
+    with pytest.raises(DataError, match="line 2: the column 'image_id' is empty"):
+        load_dataset(ham_spec(small_ham), classes=None)
+
+
+@needs_pneumonia
+def test_npz_rejects_manifest_only_settings() -> None:
+    with pytest.raises(DataError, match="data.split.column is 'fold'"):
+        load_dataset(DataSpec(npz=PNEUMONIA, split=SplitSpec(column="fold")), classes=None)
+    with pytest.raises(DataError, match="npz files have no metadata columns, but the spec names 'sex'"):
+        load_dataset(DataSpec(npz=PNEUMONIA, metadata=["sex"]), classes=None)

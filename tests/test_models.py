@@ -124,7 +124,8 @@ def test_mismatched_checkpoint_names_file_and_key(trained, tmp_path: Path) -> No
     message = str(error.value)
     assert str(path) in message
     assert "'classifier.weight'" in message
-    assert "(3, 1024)" in message and "(4, 1024)" in message
+    assert "(3, 1024)" in message
+    assert "(4, 1024)" in message
 
 
 def test_checkpoint_of_other_architecture_is_rejected(trained) -> None:
@@ -324,3 +325,23 @@ def test_training_from_init_checkpoint_starts_there(trained) -> None:
     # With a negligible learning rate only batch-norm statistics move.
     weight = "classifier.weight"
     torch.testing.assert_close(resumed.state_dict()[weight], model.state_dict()[weight])
+
+
+def test_one_cycle_rate_follows_torch_one_cycle() -> None:
+    from tools.models import learning_rate
+
+    total, peak = 400, 3e-3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total, pct_start=0.25)
+    torch_rates = []
+    for _ in range(total):
+        torch_rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+    ours = [learning_rate("onecycle", peak, step / total) for step in range(total)]
+
+    # torch places the peak one step earlier, so the two agree to within a step's change.
+    np.testing.assert_allclose(ours, torch_rates, atol=peak * 0.02)
+    assert learning_rate("onecycle", peak, 1.0) == pytest.approx(peak / 25e4)
+    assert learning_rate("cosine", peak, 0.5) == pytest.approx(peak / 2)

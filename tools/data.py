@@ -43,12 +43,12 @@ class DataError(ValueError):
     """A dataset that cannot be loaded; the message names the file, row or column."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Dataset:
     """Labelled images with metadata and a train/calibration/test split.
 
     `labels` are indices into `classes`; `metadata` has one row per image (a RangeIndex);
-    `split` holds "train", "calibration" or "test" for every image.
+    `split` is "train", "calibration" or "test" for every image.
     """
 
     name: str
@@ -128,6 +128,7 @@ def load_dataset(data: DataSpec, classes: list[str] | None, name: str | None = N
     or column at fault.
     """
     if data.npz is not None:
+        _check_npz_settings(data)
         dataset = _load_npz(data.npz, data, classes, parts=tuple(_NPZ_SPLITS), name=name)
     else:
         dataset = _load_manifest(data.manifest, data.images, data, classes, name=name, split_from_spec=True)
@@ -199,7 +200,11 @@ def _load_manifest(
             )
 
     id_column = data.id_column if data.id_column in table.columns else data.path_column
-    ids = [str(value) for value in table[id_column]]
+    for row, value in enumerate(table[id_column]):
+        if pd.isna(value) or str(value).strip() == "":
+            raise DataError(f"{manifest}, {_line(row)}: the column {id_column!r} is empty")
+    ids = [str(value).strip() for value in table[id_column]]
+    _check_unique_ids(ids, id_column, manifest)
     label_names = _map_labels(table[data.label_column], data.label_map, manifest)
     classes = _resolve_classes(classes, label_names)
     labels = _label_indices(label_names, classes, manifest)
@@ -242,6 +247,18 @@ def _read_manifest(manifest: Path, data: DataSpec) -> pd.DataFrame:
 def _line(row: int) -> str:
     # Row 0 of the table is line 2 of the file, below the header.
     return f"line {row + 2}"
+
+
+def _check_unique_ids(ids: list[str], column: str, manifest: Path) -> None:
+    # The same image twice could land in train and test, so repeated ids are rejected.
+    first_row: dict[str, int] = {}
+    for row, image_id in enumerate(ids):
+        if image_id in first_row:
+            raise DataError(
+                f"{manifest}, {_line(row)}: {column} {image_id!r} already appears on "
+                f"{_line(first_row[image_id])}; each image may be listed once"
+            )
+        first_row[image_id] = row
 
 
 def _map_labels(column: pd.Series, label_map: dict[str, str], manifest: Path) -> list[str]:
@@ -367,7 +384,7 @@ def _load_npz(path: Path, data: DataSpec, classes: list[str] | None, parts: tupl
     if array.ndim not in (3, 4):
         raise DataError(f"{path}: images have shape {array.shape}; expected (n, H, W) or (n, H, W, C)")
     if len(array) == 0:
-        raise DataError(f"{path}: the file holds no images")
+        raise DataError(f"{path}: the file contains no images")
 
     label_names = _npz_label_names(np.concatenate(raw_labels), data, classes, path)
     classes = _resolve_classes(classes, label_names)
@@ -384,6 +401,21 @@ def _load_npz(path: Path, data: DataSpec, classes: list[str] | None, parts: tupl
         data_hash=hashlib.sha256(path.read_bytes()).hexdigest(),
         source_array=array,
     )
+
+
+def _check_npz_settings(data: DataSpec) -> None:
+    # An npz file has only images and labels, so settings that need manifest columns cannot apply.
+    if data.split.column:
+        raise DataError(
+            f"{data.npz}: data.split.column is {data.split.column!r}, but npz files carry their own "
+            "train/val/test splits; remove data.split.column"
+        )
+    if data.metadata or data.group_column:
+        column = data.group_column or data.metadata[0]
+        raise DataError(
+            f"{data.npz}: npz files have no metadata columns, but the spec names {column!r}; "
+            "remove data.metadata and data.group_column"
+        )
 
 
 def _npz_label_names(raw: np.ndarray, data: DataSpec, classes: list[str] | None, path: Path) -> list[str]:
@@ -429,7 +461,7 @@ def stratified_group_split(
 
     Whole groups (patients, lesions) go to one split, so a group never crosses splits. A group
     is stratified by its most frequent label. Within each class the groups are shuffled with
-    `seed` and filled into test, then calibration, until each holds its fraction of the class's
+    `seed` and filled into test, then calibration, until each contains its fraction of the class's
     images; the rest is train. A class with at least one group gets one in test, with two or
     more one in train, and with three or more one in calibration (when `calibration` > 0).
     The same inputs always give the same split.
@@ -465,21 +497,27 @@ def _fill_splits(sizes: np.ndarray, test: float, calibration: float) -> list[str
     want_calibration = calibration > 0 and n_groups >= 3
 
     assigned = []
-    test_count = calibration_count = 0
+    test_count = calibration_count = train_count = 0
     for i, size in enumerate(sizes):
         remaining = n_groups - i
-        # Keep one group back for train (and calibration) while enough groups remain.
-        reserve = (1 if n_groups >= 2 else 0) + (1 if want_calibration and calibration_count == 0 else 0)
-        if (test_count == 0 or test_count + size / 2 <= test_target) and remaining > reserve:
+        # While train (or calibration) is still empty, keep enough groups back to give it one.
+        train_reserve = 1 if n_groups >= 2 and train_count == 0 else 0
+        calibration_reserve = 1 if want_calibration and calibration_count == 0 else 0
+
+        test_has_room = test_count == 0 or test_count + size / 2 <= test_target
+        if test_has_room and remaining > train_reserve + calibration_reserve:
             assigned.append("test")
             test_count += size
             continue
-        reserve = 1 if n_groups >= 2 else 0
-        if want_calibration and (calibration_count == 0 or calibration_count + size / 2 <= calibration_target) and remaining > reserve:
+
+        calibration_has_room = calibration_count == 0 or calibration_count + size / 2 <= calibration_target
+        if want_calibration and calibration_has_room and remaining > train_reserve:
             assigned.append("calibration")
             calibration_count += size
             continue
+
         assigned.append("train")
+        train_count += size
     return assigned
 
 
@@ -511,7 +549,7 @@ def _decode_one(path: Path, size: int) -> np.ndarray:
                 # instead of sampling single pixels.
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
         raise DataError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
 
 
