@@ -3,7 +3,7 @@
 Pure numpy and scipy; nothing else of the project is imported here.
 """
 
-from . import calibration, counting, ranking, scores  # noqa: F401  (register the metrics)
+from . import calibration, counting, failure, kernel, ranking, scores  # noqa: F401  (register the metrics)
 from ._inputs import MetricError
 from .bootstrap import Difference, Estimate, bootstrap_metrics, paired_bootstrap, unpaired_bootstrap
 from .calibration import reliability_bins

@@ -16,39 +16,58 @@ def check_bins(n_bins, binning: str) -> None:
         raise MetricError(f"binning must be one of {BINNINGS}, got {binning!r}")
 
 
+EDGE_TOLERANCE = 1e-9
+
+
 def equal_width_index(scores: np.ndarray, n_bins: int) -> np.ndarray:
     """Bin index min(floor(s·B), B−1): bins [b/B, (b+1)/B), the last one closed at 1.
 
-    The product s·B is used rather than comparisons with ``linspace`` edges, so a score written
-    as a decimal edge such as 0.6 opens its bin [0.6, 0.7) even though 0.6 is not exact in
-    binary floating point.
+    A score whose s·B lies within 1e-9 of an integer counts as lying on that edge, so a
+    score written as a decimal edge such as 0.6 or 0.29 (B = 100) opens the bin above it even
+    though its binary floating-point value may be a little below the edge.
     """
-    return np.minimum(np.floor(scores * n_bins).astype(np.int64), n_bins - 1)
+    scaled = scores * n_bins
+    nearest = np.rint(scaled)
+    on_edge = np.abs(scaled - nearest) <= EDGE_TOLERANCE
+    index = np.where(on_edge, nearest, np.floor(scaled)).astype(np.int64)
+    return np.minimum(index, n_bins - 1)
 
 
-def equal_mass_index(scores: np.ndarray, weights: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin index that puts about the same total weight into each of ``n_bins`` bins.
+def equal_mass_edges(ordered: np.ndarray, ordered_weights: np.ndarray, n_bins: int) -> np.ndarray:
+    """The quantiles at 0, 1/B, ..., 1 of sorted scores with count weights (numpy's linear rule).
 
-    Rows are sorted by score; row i (in that order) goes to bin floor(B · m_i / W), where m_i
-    is the weight before the middle of row i and W the total weight. With unit weights and B
-    dividing n this is n/B rows per bin. All rows with the same score then take the bin of the
-    first row of their tie run, so tied scores are never split and a bin can end up empty.
+    A row of weight w counts as w copies, so with integer weights this equals
+    ``np.quantile(np.repeat(ordered, weights), np.linspace(0, 1, B + 1))``: quantile b sits at
+    position h = (N − 1)·b/B of the N copies and is interpolated between copies floor(h) and
+    floor(h) + 1. Non-integer weights use the same formula with N = Σ w.
     """
-    order = np.argsort(scores, kind="stable")
+    kept = ordered_weights > 0
+    values = ordered[kept]
+    cumulative = np.cumsum(ordered_weights[kept])
+    # (N − 1)·b is formed before dividing by B so that integer positions stay exact.
+    position = (cumulative[-1] - 1.0) * np.arange(n_bins + 1) / n_bins
+    below = np.floor(position)
+    fraction = position - below
+    # Copy j (0-based) belongs to the first row whose cumulative weight exceeds j.
+    last = values.size - 1
+    lower = values[np.minimum(np.searchsorted(cumulative, below, side="right"), last)]
+    upper = values[np.minimum(np.searchsorted(cumulative, below + 1, side="right"), last)]
+    return lower + fraction * (upper - lower)
+
+
+def equal_mass_index(scores: np.ndarray, weights: np.ndarray, n_bins: int, order: np.ndarray | None = None) -> np.ndarray:
+    """Bin index for bins between the weighted B-quantiles of the scores, each bin (l, u].
+
+    Edges are the quantiles at 0, 1/B, ..., 1 (numpy's linear rule), and a score equal to an
+    interior edge goes to the lower bin; this is scikit-learn's ``calibration_curve(strategy=
+    'quantile')`` rule. Bins are defined on score values, so tied scores always share a bin;
+    when ties make two edges equal, the bin between them is empty and weighs 0.
+    """
+    if order is None:
+        order = np.argsort(scores, kind="stable")
     ordered = scores[order]
-    ordered_weights = weights[order]
-    total = ordered_weights.sum()
-    cumulative = np.cumsum(ordered_weights)
-    middle = cumulative - ordered_weights / 2.0
-    index_sorted = np.minimum(np.floor(n_bins * middle / total).astype(np.int64), n_bins - 1)
-
-    run_starts = np.concatenate(([True], np.diff(ordered) != 0))
-    run_id = np.cumsum(run_starts) - 1
-    index_sorted = index_sorted[np.flatnonzero(run_starts)][run_id]
-
-    index = np.empty_like(index_sorted)
-    index[order] = index_sorted
-    return index
+    edges = equal_mass_edges(ordered, weights[order], n_bins)
+    return np.searchsorted(edges[1:-1], scores, side="left")
 
 
 def bin_sums(index: np.ndarray, scores: np.ndarray, targets: np.ndarray, weights: np.ndarray, n_bins: int):

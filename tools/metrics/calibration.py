@@ -7,8 +7,8 @@ import math
 import numpy as np
 
 from ._classes import positive_class_of
-from ._inputs import MetricInputs, validate_weights
-from .binning import bin_sums, check_bins, equal_mass_index, equal_width_index
+from ._inputs import MetricError, MetricInputs, validate_weights
+from .binning import bin_sums, check_bins, equal_mass_edges, equal_mass_index, equal_width_index
 from .registry import MetricResult, nan_result, register
 
 DEFAULT_BINS = 15
@@ -17,9 +17,11 @@ DEFAULT_BINS = 15
 def _bin_index(inputs, key, scores, weights, n_bins, binning):
     if binning == "equal_width":
         return inputs.cached(("equal_width", key, n_bins), lambda: equal_width_index(scores, n_bins))
-    if np.all(weights == 1.0):
-        return inputs.cached(("equal_mass", key, n_bins), lambda: equal_mass_index(scores, weights, n_bins))
-    return equal_mass_index(scores, weights, n_bins)
+    if not inputs.resampling:
+        return equal_mass_index(scores, weights, n_bins)
+    # The edges depend on the weights, but the sort order can be shared by every replicate.
+    order = inputs.cached(("score_order", key), lambda: np.argsort(scores, kind="stable"))
+    return equal_mass_index(scores, weights, n_bins, order)
 
 
 def binned(inputs, weights, key, scores, targets, n_bins, binning):
@@ -54,8 +56,9 @@ def ece_top_label(inputs: MetricInputs, weights: np.ndarray, n_bins: int = DEFAU
     accuracy and c̄_b the mean confidence in bin b; empty bins weigh 0. Equal-width bins are
     [b/B, (b+1)/B) with the last one closed at 1 (numpy's histogram rule, which netcal follows
     for scores inside (0, 1)); torchmetrics gives a score of exactly 1 its own extra bin and puts
-    scores that equal a decimal edge such as 0.6 into the lower bin. Equal-mass bins hold about
-    n/B rows each and never split tied scores (see ``binning.equal_mass_index``).
+    scores that equal a decimal edge such as 0.6 into the lower bin. Equal-mass bins lie
+    between the B-quantiles of the confidence and never split tied scores (scikit-learn's
+    quantile strategy, see ``binning.equal_mass_index``).
     """
     count, score_sum, target_sum = _top_label(inputs, weights, n_bins, binning)
     return MetricResult(_l1_error(count, score_sum, target_sum), extra={"n_bins": n_bins, "binning": binning})
@@ -234,3 +237,98 @@ def reliability_bins(probs, labels, n_bins: int = DEFAULT_BINS, weights=None, re
             }
         )
     return rows
+
+
+ECI_BINNINGS = ("equal_width", "equal_mass", "calfram")
+
+
+def _eci_bins(inputs, weights, k, n_bins, binning):
+    """Per-bin weight, score sum and target sum of class k's one-vs-rest scores."""
+    scores = inputs.probs[:, k]
+    targets = inputs.cached(("target", k), lambda: (inputs.labels == k).astype(np.float64))
+    if binning != "calfram":
+        return binned(inputs, weights, ("class", k), scores, targets, n_bins, binning)
+
+    # CalFram's integer strategy: edges at the B-quantiles padded with 0 and 1, bins [l, u),
+    # so the largest score sits in a bin of its own.
+    check_bins(n_bins, "equal_mass")
+    if np.all(weights == 1.0):
+        # np.quantile itself, so that rounding of edges on exact scores matches CalFram.
+        quantiles = np.quantile(scores, np.linspace(0.0, 1.0, n_bins + 1))
+    else:
+        order = np.argsort(scores, kind="stable")
+        quantiles = equal_mass_edges(scores[order], weights[order], n_bins)
+    edges = np.concatenate(([0.0], quantiles, [1.0]))
+    index = np.searchsorted(edges, scores, side="right")
+    return bin_sums(index, scores, targets, weights, edges.size + 1)
+
+
+def _eci_distances(count, score_sum, target_sum):
+    """Bin weights, normalised gaps d_b = |ȳ_b − x̄_b| / max(x̄_b, 1 − x̄_b), and the sign of ȳ_b − x̄_b."""
+    filled = count > 0
+    mean_score = score_sum[filled] / count[filled]
+    frequency = target_sum[filled] / count[filled]
+    distance = np.abs(frequency - mean_score) / np.maximum(mean_score, 1.0 - mean_score)
+    return count[filled], distance, np.sign(frequency - mean_score)
+
+
+def _check_eci_binning(binning):
+    if binning not in ECI_BINNINGS:
+        raise MetricError(f"eci binning must be one of {ECI_BINNINGS}, got {binning!r}")
+
+
+@register(
+    "eci",
+    display="ECI",
+    family="calibration",
+    higher_is_better=True,
+    reading="A 0-1 grade of calibration (1 best) in which a gap counts more when it is large relative to the largest gap possible at that predicted risk.",
+    n_bins=10,
+    binning="equal_width",
+)
+def eci(inputs: MetricInputs, weights: np.ndarray, n_bins: int = 10, binning: str = "equal_width") -> MetricResult:
+    """Global estimated calibration index (Famiglini, Campagner and Cabitza 2023).
+
+    Per class k, bins of the one-vs-rest score P_·k give points (x̄_b, ȳ_b) and normalised
+    gaps d_b = |ȳ_b − x̄_b| / max(x̄_b, 1 − x̄_b); ECI_k = 1 − Σ_b (n_b/n) d_b and ECI is the
+    mean over all K classes. This closed form equals CalFram's triangle construction. Binning:
+    equal width or equal mass as in ``ece_top_label``, or "calfram" for CalFram's integer
+    strategy (quantile edges padded with 0 and 1, left-closed), which CalFram calls equal
+    width. CalFram also rounds to 3 decimals; this value is unrounded.
+    """
+    _check_eci_binning(binning)
+    per_class = {}
+    for k in range(inputs.n_classes):
+        count, distance, _sign = _eci_distances(*_eci_bins(inputs, weights, k, n_bins, binning))
+        per_class[k] = float(1.0 - count @ distance / count.sum())
+    return MetricResult(float(np.mean(list(per_class.values()))), extra={"per_class": per_class})
+
+
+@register(
+    "eci_balance",
+    display="ECI balance",
+    family="calibration",
+    higher_is_better=False,
+    reading="Whether miscalibration leans towards over-confidence (positive, up to 1) or under-confidence (negative, down to -1).",
+    n_bins=10,
+    binning="equal_width",
+)
+def eci_balance(inputs: MetricInputs, weights: np.ndarray, n_bins: int = 10, binning: str = "equal_width") -> MetricResult:
+    """Direction of miscalibration in [−1, 1], CalFram's ``ec_dir``; positive means over-confident.
+
+    Per class: the bin-weighted mean of d_b over bins where the observed frequency is below
+    the mean score, minus the same mean over bins where it is above (each side weighted by its
+    own bin counts, an empty side counting 0, bins exactly on the diagonal on neither side);
+    the mean over classes leaves out NaN. Bins and
+    d_b as in ``eci``. 0 is balanced, not necessarily calibrated, so ``higher_is_better`` is
+    only nominal.
+    """
+    _check_eci_binning(binning)
+    per_class = {}
+    for k in range(inputs.n_classes):
+        count, distance, sign = _eci_distances(*_eci_bins(inputs, weights, k, n_bins, binning))
+        over, under = sign < 0, sign > 0
+        over_part = float(count[over] @ distance[over] / count[over].sum()) if over.any() else 0.0
+        under_part = float(count[under] @ distance[under] / count[under].sum()) if under.any() else 0.0
+        per_class[k] = over_part - under_part
+    return MetricResult(float(np.nanmean(list(per_class.values()))), extra={"per_class": per_class})

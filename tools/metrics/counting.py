@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from ._classes import positive_class_of
 from ._inputs import MetricError, MetricInputs
 from .registry import MetricResult, nan_result, register
 
@@ -134,3 +135,248 @@ def cohen_kappa(inputs: MetricInputs, weights: np.ndarray, weighting: str = "non
     if chance <= 0:
         return nan_result("kappa is undefined because chance disagreement is 0 (one class in labels and predictions)")
     return MetricResult(1.0 - float((disagreement * matrix).sum()) / chance)
+
+
+def _cost_matrix(cost_matrix, k: int, matrix: np.ndarray) -> np.ndarray | None:
+    """Return the (K, K) cost matrix indexed [true class, predicted class].
+
+    None means 0-1 costs; "prior" means Metrics Reloaded's default 1/(K · prevalence of the
+    true class) off the diagonal, or None when a class is absent so that the cost is undefined.
+    """
+    if cost_matrix is None:
+        return 1.0 - np.eye(k)
+    if isinstance(cost_matrix, str):
+        if cost_matrix != "prior":
+            raise MetricError(f"cost_matrix must be a (K, K) array, None or 'prior', got {cost_matrix!r}")
+        prevalence = matrix.sum(axis=1) / matrix.sum()
+        if (prevalence <= 0).any():
+            return None
+        return (1.0 - np.eye(k)) / (k * prevalence[:, None])
+    costs = np.asarray(cost_matrix, dtype=np.float64)
+    if costs.shape != (k, k):
+        raise MetricError(f"cost_matrix must have shape ({k}, {k}), got {costs.shape}")
+    if not np.isfinite(costs).all() or (costs < 0).any():
+        raise MetricError("cost_matrix must contain finite non-negative costs")
+    return costs
+
+
+@register(
+    "expected_cost",
+    display="EC",
+    family="counting",
+    higher_is_better=False,
+    needs={"cost_matrix"},
+    reading="Average cost per patient of the model's decisions, with each kind of error charged what the cost matrix says it costs.",
+    cost_matrix=None,
+    normalised=False,
+)
+def expected_cost(inputs: MetricInputs, weights: np.ndarray, cost_matrix=None, normalised: bool = False) -> MetricResult:
+    """Expected cost EC = Σ_ij c_ij C_ij / n (Ferrer 2022) of the argmax decision.
+
+    ``cost_matrix`` is indexed [true class, predicted class] (Metrics Reloaded indexes it
+    [predicted, true]); None gives 0-1 costs (EC = error rate) and "prior" gives Metrics
+    Reloaded's default c_ij = 1/(K · P_i), which makes EC = 1 − balanced accuracy. With
+    ``normalised`` the cost is divided by that of the best constant decision
+    min_j Σ_i P_i c_ij. NaN when "prior" costs meet a class absent from the labels.
+    """
+    matrix = confusion(inputs, weights)
+    total = matrix.sum()
+    costs = _cost_matrix(cost_matrix, inputs.n_classes, matrix)
+    if costs is None:
+        return nan_result("prior-based costs are undefined because a class is absent from the labels")
+    value = float((costs * matrix).sum() / total)
+    if not normalised:
+        return MetricResult(value)
+
+    prevalence = matrix.sum(axis=1) / total
+    naive = float((prevalence @ costs).min())
+    if naive <= 0:
+        return nan_result("normalised expected cost is undefined because a constant decision costs 0")
+    return MetricResult(value / naive, extra={"naive_cost": naive})
+
+
+def _decision(inputs: MetricInputs, k: int, threshold: float | None) -> np.ndarray:
+    """Rows predicted positive for class k: argmax == k, or P_ik >= threshold when given."""
+    if threshold is None:
+        return inputs.cached(("argmax_is", k), lambda: inputs.predicted == k)
+    if not 0 <= threshold <= 1:
+        raise MetricError(f"threshold must be in [0, 1], got {threshold!r}")
+    return inputs.cached(("score_at_least", k, threshold), lambda: inputs.probs[:, k] >= threshold)
+
+
+def one_vs_rest_counts(inputs: MetricInputs, weights: np.ndarray, k: int, threshold: float | None):
+    """Weighted TP, FP, FN, TN of class k against the rest."""
+    predicted = _decision(inputs, k, threshold)
+    actual = inputs.cached(("label_is", k), lambda: inputs.labels == k)
+    tp = float(weights[predicted & actual].sum())
+    fp = float(weights[predicted & ~actual].sum())
+    fn = float(weights[~predicted & actual].sum())
+    tn = float(weights.sum()) - tp - fp - fn
+    return tp, fp, fn, tn
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def _sensitivity(tp, fp, fn, tn):
+    return _ratio(tp, tp + fn)
+
+
+def _specificity(tp, fp, fn, tn):
+    return _ratio(tn, tn + fp)
+
+
+def _ppv(tp, fp, fn, tn):
+    # Metrics Reloaded: 0 when nothing is predicted positive although positives exist.
+    if tp + fp == 0:
+        return 0.0 if tp + fn > 0 else math.nan
+    return tp / (tp + fp)
+
+
+def _npv(tp, fp, fn, tn):
+    if tn + fn == 0:
+        return 0.0 if tn + fp > 0 else math.nan
+    return tn / (tn + fn)
+
+
+def _lr_plus(tp, fp, fn, tn):
+    sensitivity = _sensitivity(tp, fp, fn, tn)
+    specificity = _specificity(tp, fp, fn, tn)
+    return _ratio(sensitivity, 1.0 - specificity)
+
+
+def _f_beta(beta):
+    def compute(tp, fp, fn, tn):
+        b2 = beta * beta
+        return _ratio((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp)
+
+    return compute
+
+
+def _per_class_statistic(inputs, weights, statistic, positive_class, threshold, name):
+    """Statistic of one class against the rest, or its macro mean over classes where it is defined."""
+    if positive_class is not None or inputs.n_classes == 2:
+        k = positive_class_of(inputs, positive_class, name)
+        tp, fp, fn, tn = one_vs_rest_counts(inputs, weights, k, threshold)
+        value = statistic(tp, fp, fn, tn)
+        extra = {"positive_class": k, "counts": {"tp": tp, "fp": fp, "fn": fn, "tn": tn}}
+        if math.isnan(value):
+            return nan_result(_undefined_reason(name, tp, fp, fn, tn), **extra)
+        return MetricResult(value, extra=extra)
+
+    per_class = {k: statistic(*one_vs_rest_counts(inputs, weights, k, threshold)) for k in range(inputs.n_classes)}
+    undefined = [k for k, v in per_class.items() if math.isnan(v)]
+    support = np.bincount(inputs.labels, weights=weights, minlength=inputs.n_classes)
+    extra = {
+        "per_class": per_class,
+        "absent_classes": _absent_list(support > 0),
+        "undefined_classes": undefined,
+        "average": "macro",
+    }
+    if len(undefined) == inputs.n_classes:
+        return nan_result(f"{name} is undefined for every class", **extra)
+    return MetricResult(float(np.nanmean(list(per_class.values()))), extra=extra)
+
+
+def _undefined_reason(name, tp, fp, fn, tn) -> str:
+    if tp + fn == 0:
+        return f"{name} is undefined because the labels contain no positives"
+    if tn + fp == 0:
+        return f"{name} is undefined because the labels contain no negatives"
+    return f"{name} is undefined on these counts (tp={tp:g}, fp={fp:g}, fn={fn:g}, tn={tn:g})"
+
+
+_DECISION_DOC = """
+    Decision: argmax (ties to the first class, so a binary p = 0.5 is negative), or
+    P[:, class] >= ``threshold`` when a threshold is given. Binary input scores class 1 (or
+    ``positive_class``). Multiclass input without a positive class gives the one-vs-rest
+    macro mean over the classes where the value is defined; ``extra`` lists the classes left
+    out. Metrics Reloaded instead returns NaN when any class is undefined.
+"""
+
+
+def _register_rate(metric_id, display, reading, statistic, higher_is_better, doc, **extra_defaults):
+    defaults = {"positive_class": None, "threshold": None, **extra_defaults}
+
+    @register(metric_id, display=display, family="counting", higher_is_better=higher_is_better, reading=reading, **defaults)
+    def metric(inputs: MetricInputs, weights: np.ndarray, positive_class=None, threshold=None, **params) -> MetricResult:
+        chosen = statistic(**params) if params else statistic
+        return _per_class_statistic(inputs, weights, chosen, positive_class, threshold, metric_id)
+
+    metric.__name__ = metric_id
+    metric.__doc__ = doc + _DECISION_DOC
+    return metric
+
+
+sensitivity = _register_rate(
+    "sensitivity", "Sens",
+    "Share of patients with the diagnosis whom the model flags.",
+    _sensitivity, True,
+    """Sensitivity (recall) TP / (TP + FN); NaN without positives (Metrics Reloaded, and
+    scikit-learn with zero_division=NaN).""",
+)
+specificity = _register_rate(
+    "specificity", "Spec",
+    "Share of patients without the diagnosis whom the model correctly leaves unflagged.",
+    _specificity, True,
+    """Specificity TN / (TN + FP); NaN without negatives.""",
+)
+ppv = _register_rate(
+    "ppv", "PPV",
+    "Share of flagged patients who really have the diagnosis.",
+    _ppv, True,
+    """Positive predictive value TP / (TP + FP). As in Metrics Reloaded it is 0 when nothing is
+    predicted positive although positives exist, and NaN when there are neither.""",
+)
+npv = _register_rate(
+    "npv", "NPV",
+    "Share of unflagged patients who really do not have the diagnosis.",
+    _npv, True,
+    """Negative predictive value TN / (TN + FN); 0 when nothing is predicted negative although
+    negatives exist, NaN when there are neither (Metrics Reloaded).""",
+)
+lr_plus = _register_rate(
+    "lr_plus", "LR+",
+    "How many times more often a flag occurs in patients with the diagnosis than in those without.",
+    _lr_plus, True,
+    """Positive likelihood ratio sensitivity / (1 − specificity); NaN when specificity is 1 or
+    either class is missing (Metrics Reloaded; scikit-learn with replace_undefined_by=NaN).""",
+)
+f_beta = _register_rate(
+    "f_beta", "F-β",
+    "Combined score of PPV and sensitivity, with sensitivity counting β times as much.",
+    lambda beta=1.0: _f_beta(beta), True,
+    """F-beta (1 + β²) TP / ((1 + β²) TP + β² FN + FP), the weighted harmonic mean of PPV and
+    sensitivity (scikit-learn ``fbeta_score``); NaN when there are no positives and none are
+    predicted, where Metrics Reloaded returns 1.""",
+    beta=1.0,
+)
+
+
+@register(
+    "net_benefit",
+    display="NB",
+    family="counting",
+    higher_is_better=True,
+    needs={"binary", "threshold"},
+    reading="True positives per patient after charging each false positive at the odds of the treatment threshold; compare with treating everyone and treating no one.",
+    threshold=0.5,
+    positive_class=None,
+)
+def net_benefit(inputs: MetricInputs, weights: np.ndarray, threshold: float = 0.5, positive_class: int | None = None) -> MetricResult:
+    """Net benefit at threshold t (Vickers and Elkin 2006): NB = TP/n − (FP/n) · t/(1 − t).
+
+    Positive means P[:, positive class] >= t. Metrics Reloaded's BinaryPairwiseMeasures gives
+    the same value with exchange rate t/(1 − t); its probabilistic ``net_benefit_treated``
+    multiplies the two terms and is wrong. ``extra`` holds the treat-all net benefit.
+    """
+    if not 0 < threshold < 1:
+        raise MetricError(f"net_benefit threshold must be in (0, 1), got {threshold!r}")
+    k = positive_class_of(inputs, positive_class, "net_benefit")
+    tp, fp, fn, tn = one_vs_rest_counts(inputs, weights, k, threshold)
+    total = tp + fp + fn + tn
+    odds = threshold / (1 - threshold)
+    value = tp / total - fp / total * odds
+    treat_all = (tp + fn) / total - (fp + tn) / total * odds
+    return MetricResult(value, extra={"treat_all": treat_all, "threshold": threshold})
