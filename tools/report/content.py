@@ -369,6 +369,7 @@ def finding_view(finding: dict, lookup: Lookup, classes: list[str]) -> dict:
         "consequences": consequences,
         "interval": fmt_interval(finding.get("low"), finding.get("high")),
         "p_value": fmt_p(finding.get("p_value")),
+        "q_value": fmt_p(finding.get("q_value")),
         "p_phrase": "p " + fmt_p(finding.get("p_value")) if is_number(finding.get("p_value"))
         and finding["p_value"] < 0.0001 else "p = " + fmt_p(finding.get("p_value")),
         "anchor": evidence_anchor(finding, lookup),
@@ -515,11 +516,18 @@ def class_table(data: dict, lookup: Lookup) -> dict:
 def difference_rows(data: dict, lookup: Lookup) -> list[dict]:
     rows = []
     for item in data.get("differences") or []:
-        condition = lookup.conditions.get(item["condition"], {"key": item["condition"]})
+        condition = lookup.conditions.get(item["condition"])
+        reference = item.get("reference")
+        reference_value = item.get("reference_value")
+        if is_number(reference):
+            reference_value, reference = reference, None
         rows.append({
-            "label": condition_label(condition) if "kind" in condition else item["condition"],
+            "label": condition_label(condition) if condition else item["condition"],
             "key": item["condition"], "metric": lookup.display(item["metric"]),
-            "reference": fmt(item.get("reference")), "delta": fmt(item.get("delta")),
+            "reference": str(reference) if reference else "",
+            "reference_value": fmt(reference_value),
+            "condition_value": fmt(item.get("condition_value")),
+            "delta": fmt(item.get("delta")),
             "interval": fmt_interval(item.get("low"), item.get("high")),
             "p_value": fmt_p(item.get("p_value")),
             "paired": "paired" if item.get("paired") else "unpaired",
@@ -538,7 +546,7 @@ def glossary(data: dict, lookup: Lookup) -> list[dict]:
         better = "higher is better" if info.get("higher_is_better", True) else "lower is better"
         entries.append({"term": info.get("display") or metric, "id": metric,
                         "reading": info.get("reading") or "No reading in the metric registry.",
-                        "note": f"{info.get('family', 'metric')}; {better}"})
+                        "note": f"{pretty_name(str(info.get('family', 'metric')))}; {better}"})
     entries.sort(key=lambda entry: entry["term"].lower())
     for term, reading in REPORT_TERMS.items():
         entries.append({"term": term, "id": "", "reading": reading, "note": ""})

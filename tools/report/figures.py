@@ -245,7 +245,7 @@ def forest_figure(data: dict, lookup: Lookup) -> Figure | None:
     axis.set_yticklabels([label for label, _, _ in reversed(rows)])
     axis.set_ylim(-0.7, len(rows) - 0.3)
     axis.set_xlabel(f"{lookup.display(metric)} with 95 % interval")
-    axis.legend(loc="lower right", frameon=False, fontsize=7)
+    axis.legend(loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False, fontsize=7)
     figure.tight_layout()
     return Figure(name="forest", anchor="forest", title="Subgroups and sites",
                   caption=f"{lookup.display(metric)} per subgroup with its 95 % interval; the "
@@ -254,26 +254,32 @@ def forest_figure(data: dict, lookup: Lookup) -> Figure | None:
 
 
 def calibration_figure(data: dict, lookup: Lookup) -> Figure | None:
-    """Reliability before and after recalibration, one panel per condition."""
+    """Reliability before and after recalibration, one panel per condition.
+
+    Reads the bins from each verdict of the "calibration" artifact, and otherwise pairs every
+    "recalibrated:<key>" entry of data["reliability"] with "<key>".
+    """
     calibration = data.get("calibration") or {}
     available = data.get("reliability") or {}
-    pairs = calibration.get("reliability_pairs")
-    if pairs is None:
-        pairs = [{"before": key[len("recalibrated:"):], "after": key} for key in available
-                 if key.startswith("recalibrated:")]
-    pairs = [p for p in pairs if p.get("before") in available and p.get("after") in available]
+    pairs = []
+    for verdict in calibration.get("verdicts") or []:
+        if verdict.get("reliability_before") and verdict.get("reliability_after"):
+            pairs.append((verdict.get("condition", ""), verdict["reliability_before"],
+                          verdict["reliability_after"]))
+    if not pairs:
+        pairs = [(key[len("recalibrated:"):], available[key[len("recalibrated:"):]],
+                  available[key]) for key in available
+                 if key.startswith("recalibrated:") and key[len("recalibrated:"):] in available]
     if not pairs:
         return None
     salt = "calibration"
     per_row = min(3, len(pairs))
     rows = (len(pairs) + per_row - 1) // per_row
     figure = _new_figure(2.7 * per_row, 2.9 * rows)
-    for axis, pair in zip(_grid(figure, len(pairs), per_row), pairs):
-        _reliability_panel(axis, available[pair["before"]], "before", COLOURS["red"], bars=False)
-        _reliability_panel(axis, available[pair["after"]], "after", COLOURS["after"], bars=False)
-        condition = lookup.conditions.get(pair["before"],
-                                          {"key": pair["before"], "kind": "other",
-                                           "name": pair["before"]})
+    for axis, (key, before, after) in zip(_grid(figure, len(pairs), per_row), pairs):
+        _reliability_panel(axis, before, "before", COLOURS["red"], bars=False)
+        _reliability_panel(axis, after, "after", COLOURS["after"], bars=False)
+        condition = lookup.conditions.get(key, {"key": key, "kind": "other", "name": key})
         axis.set_title(condition_label(condition))
         axis.legend(loc="upper left", frameon=False, fontsize=7)
     figure.tight_layout()

@@ -27,6 +27,7 @@ from tools.report.content import (
     finding_view,
     fmt,
     fmt_interval,
+    fmt_p,
     fmt_params,
     fmt_percent,
     glossary,
@@ -70,6 +71,7 @@ def _markdown_cell(value: Any) -> str:
 # ---- optional sections -------------------------------------------------------------------------
 
 def _calibration_view(data: dict, lookup: Lookup) -> dict | None:
+    """Temperature and per-condition verdicts, from the runner's "calibration" artifact."""
     calibration = data.get("calibration")
     if not calibration:
         return None
@@ -79,21 +81,29 @@ def _calibration_view(data: dict, lookup: Lookup) -> dict | None:
         summary += f" Fitted temperature T = {temperature:.3f}"
         if is_number(calibration.get("low")) and is_number(calibration.get("high")):
             summary += f" (95 % interval {calibration['low']:.3f} to {calibration['high']:.3f})"
+        if calibration.get("n_calibration"):
+            summary += f" on {calibration['n_calibration']} calibration images"
         summary += "."
-        if calibration.get("direction"):
-            summary += (f" Before recalibration the model was {calibration['direction']}"
-                        " (T > 1 means overconfident).")
+    if calibration.get("direction"):
+        summary += (f" Before recalibration the model was {calibration['direction']}"
+                    " (T > 1 means overconfident, T < 1 underconfident).")
+    if is_number(calibration.get("nll_before")) and is_number(calibration.get("nll_after")):
+        summary += (f" NLL on the calibration split went from {calibration['nll_before']:.3f} "
+                    f"to {calibration['nll_after']:.3f}.")
+
     rows = []
     for item in calibration.get("verdicts") or []:
         condition = lookup.conditions.get(item.get("condition"))
-        rows.append({
-            "label": condition_label(condition) if condition else item.get("condition", ""),
-            "metric": lookup.display(item.get("metric", "")),
-            "before": fmt(item.get("before")), "after": fmt(item.get("after")),
-            "delta": fmt(item.get("delta")),
-            "interval": fmt_interval(item.get("low"), item.get("high")),
-            "verdict": item.get("verdict", ""),
-        })
+        label = condition_label(condition) if condition else str(item.get("condition", ""))
+        for change in item.get("changes") or []:
+            rows.append({
+                "label": label, "metric": lookup.display(change.get("metric", "")),
+                "before": fmt(change.get("before")), "after": fmt(change.get("after")),
+                "delta": fmt(change.get("delta")),
+                "interval": fmt_interval(change.get("low"), change.get("high")),
+                "p_value": fmt_p(change.get("p_value")),
+                "verdict": item.get("verdict", ""),
+            })
     return {"summary": summary, "sentence": calibration.get("sentence"), "rows": rows}
 
 
@@ -123,23 +133,41 @@ def _referral_view(data: dict, lookup: Lookup) -> dict | None:
 
 
 def _mitigation_view(data: dict, lookup: Lookup) -> dict | None:
+    """Augment-and-retrain outcome, from the "mitigation" artifact (AugmentRetrainOutput)."""
     mitigation = data.get("mitigation")
     if not mitigation:
         return None
-    summary = f"Method: {pretty_name(str(mitigation.get('method', 'mitigation')))}."
-    if mitigation.get("description"):
-        summary += f" {mitigation['description']}"
+    metric = lookup.display(mitigation.get("metric", ""))
+    policy = mitigation.get("policy") or {}
+    steps = [f"{pretty_name(step.get('shift', ''))} with probability "
+             f"{fmt(step.get('probability'), 2)}" for step in policy.get("steps") or []]
+    summary = "Augment and retrain"
+    if steps:
+        summary += ": the model was retrained with " + "; ".join(steps)
+    summary += "."
+    if mitigation.get("new_audit_id"):
+        summary += f" The retrained model was audited as {mitigation['new_audit_id']}."
+    clean = (f"{metric} on the clean test set: {fmt(mitigation.get('clean_before'))} before, "
+             f"{fmt(mitigation.get('clean_after'))} after retraining.")
+    overall = ""
+    if is_number(mitigation.get("overall_recovered_fraction")):
+        overall = (f"Overall, {fmt_percent(mitigation['overall_recovered_fraction'])} of the "
+                   "drop under the chosen shifts was recovered.")
     rows = []
-    for item in mitigation.get("rows") or []:
+    for item in mitigation.get("conditions") or []:
         condition = lookup.conditions.get(item.get("condition"))
         rows.append({
-            "label": condition_label(condition) if condition else item.get("condition", ""),
-            "metric": lookup.display(item.get("metric", "")),
-            "before": fmt(item.get("before")), "after": fmt(item.get("after")),
-            "delta": fmt(item.get("delta")),
-            "interval": fmt_interval(item.get("low"), item.get("high")),
+            "label": condition_label(condition) if condition else str(item.get("condition", "")),
+            "clean": fmt(item.get("clean")), "before": fmt(item.get("before")),
+            "after": fmt(item.get("after")),
+            "drop_interval": fmt_interval(item.get("drop_low"), item.get("drop_high")),
+            "recovered": fmt_percent(item.get("recovered_fraction")),
+            "note": item.get("note") or "",
         })
-    return {"summary": summary, "rows": rows, "note": mitigation.get("note")}
+    seconds = mitigation.get("train_seconds")
+    note = f"Retraining took {seconds:.0f} s." if is_number(seconds) else ""
+    return {"summary": summary, "clean": clean, "overall": overall, "rows": rows,
+            "metric": metric, "note": note}
 
 
 # ---- plan, methods, reproducibility ------------------------------------------------------------
@@ -252,6 +280,12 @@ def _contact_sheet(data: dict) -> str | None:
     return encoded
 
 
+def _paragraphs(text: Any) -> list[str]:
+    if not text:
+        return []
+    return [part.strip() for part in str(text).split("\n\n") if part.strip()]
+
+
 # ---- the view the templates read ---------------------------------------------------------------
 
 def build_view(data: dict) -> dict:
@@ -292,6 +326,7 @@ def build_view(data: dict) -> dict:
         "packages": packages,
         "spec_text": spec_text,
         "reviews": list(data.get("reviews") or []),
+        "narrative": _paragraphs(data.get("narrative")),
     }
 
 
