@@ -64,7 +64,8 @@ class ListMetricsArgs(_Args):
 class MetricSelection(_Args):
     id: str = Field(description="Metric id from list_metrics, e.g. balanced_accuracy.")
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters that differ "
-                                   "from the metric's defaults, e.g. {\"n_bins\": 15}.")
+                                   "from the metric's defaults, e.g. {\"n_bins\": 15}; "
+                                   "positive_class may be a class name.")
     reason: str = Field(min_length=1, description="Why a careful auditor includes it here.")
 
 
@@ -272,9 +273,11 @@ def _check_metric(selection: MetricSelection, session: ToolSession) -> MetricCho
         params["cost_matrix"] = session.context.cost_matrix
     positive = params.get("positive_class")
     if isinstance(positive, str):
+        # Metrics take the class index; the model may name the class instead.
         if positive not in classes:
             raise ToolError(f"metric {selection.id}: positive_class {positive!r} is not one of "
                             f"the classes {classes}")
+        params["positive_class"] = classes.index(positive)
 
     # A trial run on a tiny synthetic set catches parameter values the metric rejects.
     k = len(classes)
@@ -282,14 +285,12 @@ def _check_metric(selection: MetricSelection, session: ToolSession) -> MetricCho
     probs = np.full((2 * k, k), 0.5 / max(k - 1, 1))
     probs[np.arange(2 * k), labels] = 0.5
     probs /= probs.sum(axis=1, keepdims=True)
-    trial = {key: (classes.index(value) if key == "positive_class" and isinstance(value, str)
-                   else value) for key, value in params.items()}
     try:
-        compute_metric(selection.id, probs, labels, **trial)
+        compute_metric(selection.id, probs, labels, **params)
     except (MetricError, TypeError, ValueError) as error:
         raise ToolError(f"metric {selection.id} rejects params {selection.params}: "
                         f"{_error_text(error)}") from None
-    return MetricChoice(id=selection.id, params=selection.params, reason=selection.reason)
+    return MetricChoice(id=selection.id, params=params, reason=selection.reason)
 
 
 def select_metrics(session: ToolSession, args: SelectMetricsArgs) -> dict[str, Any]:

@@ -210,3 +210,54 @@ def test_base_url_and_key_come_from_environment(monkeypatch):
     planner = LLMPlanner(model="m")
     assert planner.base_url == "http://127.0.0.1:9/v1"
     assert planner.api_key == "env-key"
+
+
+def _load_scorer():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "evals" / "planner" / "score.py"
+    spec = importlib.util.spec_from_file_location("planner_score", path)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look the module up in sys.modules while the file executes.
+    sys.modules.setdefault("planner_score", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scenarios_cover_required_cases():
+    scorer = _load_scorer()
+    scenarios = scorer.load_scenarios()
+    assert len(scenarios) >= 12
+    contexts = [s.get("context") or {} for s in scenarios]
+    assert any(c.get("ordinal") for c in contexts)
+    assert any(c.get("costlier_error") in ("false_negative", "false_positive") for c in contexts)
+    assert any(s["expect"].get("must_ask") for s in scenarios)
+    shares = [min(s["dataset"]["class_counts"].values()) / sum(s["dataset"]["class_counts"].values())
+              for s in scenarios]
+    assert min(shares) < 0.01
+    assert scorer.SCENARIOS.is_dir()
+
+
+def test_rules_planner_meets_every_scenario():
+    scorer = _load_scorer()
+    scores = scorer.score_planner(RulesPlanner())
+    assert {s.name: s.missed for s in scores} == {s.name: [] for s in scores}
+
+
+def test_scorer_runs_llm_planner_and_counts_misses():
+    scorer = _load_scorer()
+    scenario = next(s for s in scorer.load_scenarios() if s["name"] == "vague_request")
+    replies = [
+        tool_calls(("ask_user", {"question": "Which domain?", "field": "domain"})),
+        text("Enough."),
+        tool_calls(("select_metrics", METRICS), ("select_shifts", SHIFTS)),
+        tool_calls(("run_audit", {})),
+    ]
+    with ScriptedLLM(replies) as server:
+        score = scorer.run_scenario(planner_for(server), scenario)
+    assert "ask domain" not in score.missed
+    assert "ask intended_use" in score.missed
+    assert "shift family blur" in score.missed
+    assert 0 < score.agreement < 1

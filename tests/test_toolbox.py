@@ -268,3 +268,20 @@ def test_write_report_stores_narrative_and_ends_phase():
 @pytest.mark.parametrize("arguments", [None, ""])
 def test_empty_arguments_mean_no_arguments(arguments):
     assert dispatch(session(), "estimate_cost", arguments, "plan").ok
+
+
+def test_positive_class_name_becomes_index():
+    s = session()
+    args = {"metrics": [{"id": "sensitivity", "params": {"positive_class": "mel"},
+                         "reason": "missed melanoma"}],
+            "primary_metric": "sensitivity", "primary_reason": "r"}
+    assert dispatch(s, "select_metrics", json.dumps(args), "plan").ok
+    assert s.metrics[0].params == {"positive_class": 4}
+
+
+def test_unknown_positive_class_name_is_rejected():
+    args = {"metrics": [{"id": "sensitivity", "params": {"positive_class": "melanoma"},
+                         "reason": "r"}],
+            "primary_metric": "sensitivity", "primary_reason": "r"}
+    message = error_of(dispatch(session(), "select_metrics", json.dumps(args), "plan"))
+    assert "positive_class 'melanoma'" in message

@@ -4,7 +4,7 @@ It interviews the user through `ask_user` tool calls, plans through `select_*` c
 the findings narrative through `write_report`. Every call goes through the toolbox dispatcher, so
 a malformed or invalid call returns its error to the model, which may retry a bounded number of
 times. Where the model leaves a part of the plan unselected, the rules planner fills that part
-and the reason says so. The model sees only the context the user typed, `DatasetInfo` and
+and notes this in the choice's reason. The model sees only the context the user typed, `DatasetInfo` and
 aggregate results.
 """
 

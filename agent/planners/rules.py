@@ -15,12 +15,16 @@ from tools.spec import (AuditPlan, Context, MetricChoice, PlanCost, ShiftChoice,
 GENERIC_SHIFTS = ["gaussian_noise", "gaussian_blur", "brightness", "contrast", "jpeg", "rotation"]
 
 # Metadata column names that usually hold the acquisition site; the first present one is used.
-SITE_COLUMNS = ["site", "dataset", "hospital", "centre", "center", "scanner", "device", "source"]
+SITE_COLUMNS = ["site", "dataset", "hospital", "centre", "center", "scanner", "camera", "device",
+                "source"]
 SUBGROUP_COLUMNS = ["sex", "gender", "age", "localization", "body_site", "skin_type", "ethnicity"]
 AGE_BANDS = [0, 30, 45, 60, 75, 200]
 
 # Below this share of the smallest class against the largest, accuracy misleads.
 IMBALANCE_RATIO = 0.5
+# Below this share of all cases a class is rare, and AUROC alone overstates how useful the
+# model's positive calls are.
+RARE_CLASS_SHARE = 0.05
 
 # Seconds per image for one forward pass plus one shift on a CPU, for the plan's cost estimate.
 # NOTE: measured for mobilenetv3_small_050 at 64 px on 2 CPU cores (evals/bench_shifts.py);
@@ -70,9 +74,43 @@ def apply_answer(context: Context, field: str, answer: str) -> Context:
     return context.model_copy(update=update)
 
 
+def _is_strongly_imbalanced(info: DatasetInfo) -> bool:
+    counts = [c for c in info.class_counts.values() if c > 0]
+    return bool(counts) and min(counts) / sum(counts) < RARE_CLASS_SHARE
+
+
 def _is_imbalanced(info: DatasetInfo) -> bool:
     counts = [c for c in info.class_counts.values() if c > 0]
     return bool(counts) and min(counts) / max(counts) < IMBALANCE_RATIO
+
+
+def _positive_index(context: Context, info: DatasetInfo) -> int | None:
+    """Index of the positive class: the named one, else class 1 of a binary task."""
+    if context.positive_class in info.classes:
+        return info.classes.index(context.positive_class)
+    return 1 if len(info.classes) == 2 else None
+
+
+def _cost_metrics(context: Context, info: DatasetInfo) -> list[MetricChoice]:
+    """Metrics for unequal error costs: the costlier error's rate on the positive class, and
+    the expected cost when a cost matrix is given."""
+    metrics = []
+    positive = _positive_index(context, info)
+    name = info.classes[positive] if positive is not None else None
+    if positive is not None and context.costlier_error == "false_negative":
+        metrics.append(MetricChoice(id="sensitivity", params={"positive_class": positive},
+                                    reason=f"A missed {name} costs more than a false alarm, so "
+                                    "its sensitivity is tracked on its own."))
+    if positive is not None and context.costlier_error == "false_positive":
+        metrics.append(MetricChoice(id="specificity", params={"positive_class": positive},
+                                    reason=f"A false alarm for {name} costs more than a miss, "
+                                    "so specificity is tracked on its own."))
+    if context.cost_matrix is not None:
+        metrics.append(MetricChoice(id="expected_cost",
+                                    params={"cost_matrix": context.cost_matrix},
+                                    reason="The user gave the cost of each kind of error, so "
+                                    "the average cost per patient is measured directly."))
+    return metrics
 
 
 def choose_metrics(context: Context, info: DatasetInfo) -> tuple[list[MetricChoice], str, str]:
@@ -97,17 +135,20 @@ def choose_metrics(context: Context, info: DatasetInfo) -> tuple[list[MetricChoi
         "Balanced accuracy weighs every class equally, so a model that misses rare but "
         "dangerous classes cannot hide behind the common ones.")
     if context.ordinal:
-        metrics.append(MetricChoice(id="cohen_kappa_quadratic", reason=(
+        metrics.append(MetricChoice(id="cohen_kappa", params={"weighting": "quadratic"}, reason=(
             "Classes are ordered grades: quadratic weighted kappa penalises a miss by two grades "
             "more than a miss by one.")))
-        primary, primary_reason = "cohen_kappa_quadratic", (
+        primary, primary_reason = "cohen_kappa", (
             "For ordered grades the size of the error matters, which weighted kappa measures.")
-    if binary and context.costlier_error == "false_negative":
-        metrics.append(MetricChoice(id="sensitivity", reason=(
-            "A missed positive costs more than a false alarm, so sensitivity is tracked on its own.")))
-    if binary and context.costlier_error == "false_positive":
-        metrics.append(MetricChoice(id="specificity", reason=(
-            "A false alarm costs more than a miss, so specificity is tracked on its own.")))
+    metrics.extend(_cost_metrics(context, info))
+    if _is_strongly_imbalanced(info):
+        metrics.append(MetricChoice(id="average_precision", reason=(
+            "One class is rare, where AUROC looks good even with many false alarms; average "
+            "precision shows how many flagged cases are real.")))
+    if context.referral_target is not None:
+        metrics.append(MetricChoice(id="aurc", reason=(
+            "Uncertain cases are referred to a human, so the audit checks that the model's "
+            "confidence ranks its own errors (area under the risk-coverage curve).")))
     return metrics, primary, primary_reason
 
 
