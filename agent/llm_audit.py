@@ -243,50 +243,6 @@ def score_question(record: QuestionRecord, vectors: dict[str, np.ndarray],
 # Detection metrics and the abstention curve
 
 
-def detection_metrics(labels: np.ndarray, scores: np.ndarray, n_boot: int,
-                      seed: int) -> dict[str, Any]:
-    """Compute AUROC and average precision of scores for labels, with 95 % bootstrap intervals.
-
-    Questions with an undefined (NaN) score are left out and counted. Intervals are percentile
-    intervals over `n_boot` resamples of questions. Resamples with a single label are skipped,
-    and the interval is left out when over half of them are.
-    """
-    finite = np.isfinite(scores)
-    labels = labels[finite].astype(np.int64)
-    scores = scores[finite]
-    result: dict[str, Any] = {
-        "n": int(labels.size), "n_positive": int(labels.sum()), "n_undefined": int((~finite).sum()),
-        "auroc": float("nan"), "auroc_low": float("nan"), "auroc_high": float("nan"),
-        "aupr": float("nan"), "aupr_low": float("nan"), "aupr_high": float("nan"),
-        "reason": None,
-    }
-    if labels.size == 0 or labels.min() == labels.max():
-        result["reason"] = "needs both positive and negative questions with a defined score"
-        return result
-
-    result["auroc"] = lu.auroc(labels, scores)
-    result["aupr"] = lu.average_precision(labels, scores)
-    if n_boot == 0:
-        return result
-
-    rng = np.random.default_rng(seed)
-    aurocs, auprs = [], []
-    for _ in range(n_boot):
-        index = rng.integers(0, labels.size, labels.size)
-        resampled = labels[index]
-        if resampled.min() == resampled.max():
-            continue
-        aurocs.append(lu.auroc(resampled, scores[index]))
-        auprs.append(lu.average_precision(resampled, scores[index]))
-    if len(aurocs) < n_boot / 2:
-        result["reason"] = f"only {len(aurocs)} of {n_boot} bootstrap resamples had both labels"
-        return result
-
-    result["auroc_low"], result["auroc_high"] = (float(v) for v in np.percentile(aurocs, [2.5, 97.5]))
-    result["aupr_low"], result["aupr_high"] = (float(v) for v in np.percentile(auprs, [2.5, 97.5]))
-    return result
-
-
 def abstention_curve(correct: np.ndarray, scores: np.ndarray) -> list[dict[str, float]]:
     """Compute accuracy against coverage when the most uncertain questions are withheld first.
 
@@ -316,10 +272,10 @@ def summarise(records: list[QuestionRecord], n_boot: int, seed: int) -> dict[str
     error_detection, ambiguity_detection, abstention = {}, {}, {}
     for name in SCORES:
         values = np.array([record.scores[name] for record in records], dtype=np.float64)
-        error_detection[name] = detection_metrics(errors, values, n_boot, seed)
+        error_detection[name] = lu.detection_with_intervals(errors, values, n_boot, seed)
         abstention[name] = abstention_curve(correct, values)
         if labelled:
-            ambiguity_detection[name] = detection_metrics(ambiguous, values[labelled], n_boot, seed)
+            ambiguity_detection[name] = lu.detection_with_intervals(ambiguous, values[labelled], n_boot, seed)
 
     return {
         "n_questions": len(records),

@@ -337,3 +337,31 @@ def test_minilm_reembedding_reproduces_text_case():
     assert result.total == pytest.approx(expected["spectral_total"], abs=1e-3)
     assert result.aleatoric == pytest.approx(expected["spectral_aleatoric"], abs=1e-3)
     assert embedder.name.startswith("all-MiniLM-L6-v2")
+
+
+def test_detection_intervals_with_one_label_give_reason():
+    entry = lu.detection_with_intervals(np.zeros(4, dtype=int), np.arange(4.0), 100, 0)
+    assert math.isnan(entry["auroc"])
+    assert "both positive and negative" in entry["reason"]
+
+
+def test_detection_intervals_leave_out_nan_scores():
+    labels = np.array([0, 1, 0, 1, 1])
+    scores = np.array([0.1, 0.9, np.nan, 0.8, 0.2])
+    entry = lu.detection_with_intervals(labels, scores, n_boot=200, seed=0)
+    assert entry["n"] == 4
+    assert entry["n_undefined"] == 1
+    # Kept: negatives {0.1}, positives {0.9, 0.8, 0.2}; every positive outranks the negative.
+    assert entry["auroc"] == 1.0
+    assert entry["auroc_low"] <= entry["auroc"] <= entry["auroc_high"]
+
+
+def test_detection_intervals_are_reproducible_by_seed():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 40)
+    scores = rng.normal(size=40) + labels
+    first = lu.detection_with_intervals(labels, scores, n_boot=300, seed=7)
+    second = lu.detection_with_intervals(labels, scores, n_boot=300, seed=7)
+    assert first == second
+    assert first["auroc_low"] < first["auroc"] < first["auroc_high"]
+    assert first["aupr_low"] < first["aupr"] < first["aupr_high"]

@@ -455,13 +455,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     the project does not require at run time. NaN when only one label is present.
     """
     labels, scores = _check_binary(labels, scores)
-    n_positive = int(labels.sum())
-    n_negative = labels.size - n_positive
-    if n_positive == 0 or n_negative == 0:
-        return float("nan")
-    ranks = scipy.stats.rankdata(scores)
-    rank_sum = ranks[labels == 1].sum()
-    return float((rank_sum - n_positive * (n_positive + 1) / 2.0) / (n_positive * n_negative))
+    return _auroc(labels, scores)
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -471,6 +465,20 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     NaN when no label is positive.
     """
     labels, scores = _check_binary(labels, scores)
+    return _average_precision(labels, scores)
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    n_positive = int(labels.sum())
+    n_negative = labels.size - n_positive
+    if n_positive == 0 or n_negative == 0:
+        return float("nan")
+    ranks = scipy.stats.rankdata(scores)
+    rank_sum = ranks[labels == 1].sum()
+    return float((rank_sum - n_positive * (n_positive + 1) / 2.0) / (n_positive * n_negative))
+
+
+def _average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     n_positive = int(labels.sum())
     if n_positive == 0:
         return float("nan")
@@ -484,3 +492,56 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     precision = tp / (last_of_run + 1)
     recall = tp / n_positive
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def detection_with_intervals(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000,
+                             seed: int = 0) -> dict[str, float | int | str | None]:
+    """Compute AUROC and average precision of `scores` for `labels`, with 95 % bootstrap intervals.
+
+    Items with an undefined (NaN) score are left out and counted in `n_undefined`. Intervals are
+    percentile intervals over `n_boot` resamples of the items. Resamples with a single label are
+    skipped, and the intervals stay NaN when over half of them are. `reason` says why a value is
+    NaN.
+
+    Returns
+    -------
+    dict with n, n_positive, n_undefined, auroc, auroc_low, auroc_high, aupr, aupr_low,
+    aupr_high and reason.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(scores)
+    labels, kept = _check_binary(np.asarray(labels)[finite], scores[finite])
+    if n_boot < 0:
+        raise UncertaintyError(f"n_boot must be 0 or more, got {n_boot!r}")
+
+    nan = float("nan")
+    result: dict[str, float | int | str | None] = {
+        "n": int(labels.size), "n_positive": int(labels.sum()), "n_undefined": int((~finite).sum()),
+        "auroc": nan, "auroc_low": nan, "auroc_high": nan,
+        "aupr": nan, "aupr_low": nan, "aupr_high": nan, "reason": None,
+    }
+    if labels.size == 0 or labels.min() == labels.max():
+        result["reason"] = "needs both positive and negative items with a defined score"
+        return result
+
+    result["auroc"] = _auroc(labels, kept)
+    result["aupr"] = _average_precision(labels, kept)
+    if n_boot == 0:
+        return result
+
+    rng = np.random.default_rng(seed)
+    aurocs, auprs = [], []
+    for _ in range(n_boot):
+        index = rng.integers(0, labels.size, labels.size)
+        resampled = labels[index]
+        if resampled.min() == resampled.max():
+            continue
+        aurocs.append(_auroc(resampled, kept[index]))
+        auprs.append(_average_precision(resampled, kept[index]))
+    if len(aurocs) < n_boot / 2:
+        result["reason"] = f"only {len(aurocs)} of {n_boot} bootstrap resamples had both labels"
+        return result
+
+    result["auroc_low"], result["auroc_high"] = (float(v) for v in np.percentile(aurocs, [2.5, 97.5]))
+    result["aupr_low"], result["aupr_high"] = (float(v) for v in np.percentile(auprs, [2.5, 97.5]))
+    return result
