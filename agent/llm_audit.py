@@ -280,6 +280,7 @@ def summarise(records: list[QuestionRecord], n_boot: int, seed: int) -> dict[str
     return {
         "n_questions": len(records),
         "accuracy": float(correct.mean()) if records else float("nan"),
+        "n_single_reading": sum(len(record.clarifications) == 1 for record in records),
         "n_labelled_ambiguity": len(labelled),
         "n_ambiguous": int(ambiguous.sum()),
         "error_detection": error_detection,

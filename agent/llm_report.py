@@ -32,7 +32,7 @@ def abstention_svg(report: dict[str, Any]) -> str:
         if not curve:
             continue
         axes.plot([point["coverage"] for point in curve], [point["accuracy"] for point in curve],
-                  label=name, color=colour, linewidth=1.4, drawstyle="steps-post")
+                  label=name, color=colour, linewidth=1.2, marker="o", markersize=2.5)
     if report.get("accuracy") is not None:
         axes.axhline(report["accuracy"], color="#7f7f7f", linestyle="--", linewidth=1,
                      label="accuracy without abstention")
@@ -52,6 +52,16 @@ def abstention_svg(report: dict[str, Any]) -> str:
     text = re.sub(r"<\?xml[^>]*\?>\s*", "", buffer.getvalue())
     text = re.sub(r"<!DOCTYPE[^>]*>\s*", "", text)
     return re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.DOTALL)
+
+
+def aleatoric_note(report: dict[str, Any]) -> str:
+    """Explain how far the aleatoric scores can be read as ambiguity in this audit."""
+    return (
+        f"{report['n_single_reading']} of {report['n_questions']} questions got a single reading "
+        "from the clarifier, which forces their aleatoric scores to 0. Aleatoric scores also grow "
+        "with gamma (a narrower kernel) when answers scatter, so compare them against questions "
+        "known to be unambiguous before reading them as ambiguity."
+    )
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -105,6 +115,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Entailment for semantic entropy and kernel language entropy: {report['entailment']}",
         "",
     ]
+    lines += [f"{aleatoric_note(report)}", ""]
     if report["identifier_warnings"]:
         lines += ["## Warnings", ""]
         lines += [f"- {_markdown_escape(message)}" for message in report["identifier_warnings"]]
@@ -167,6 +178,7 @@ th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: lef
     least {{ s.similarity_threshold }}</li>
 <li>Entailment for semantic entropy and kernel language entropy: {{ r.entailment }}</li>
 </ul>
+<p class="muted">{{ aleatoric_note }}</p>
 {% for message in r.identifier_warnings %}<p class="warning">{{ message }}</p>{% endfor %}
 {% for title, rows in tables %}{% if rows %}
 <h2>{{ title }}</h2>
@@ -201,7 +213,8 @@ def render_html(report: dict[str, Any], svg: str) -> str:
          detection_rows(report, "ambiguity_detection")),
     ]
     return _HTML.render(r=report, s=report["settings"], tables=tables, svg=svg,
-                        accuracy=_number(report["accuracy"]), number=_number)
+                        accuracy=_number(report["accuracy"]), number=_number,
+                        aleatoric_note=aleatoric_note(report))
 
 
 def write_llm_report(report: dict[str, Any], out: Path) -> dict[str, Path]:

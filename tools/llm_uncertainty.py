@@ -500,8 +500,8 @@ def detection_with_intervals(labels: np.ndarray, scores: np.ndarray, n_boot: int
 
     Items with an undefined (NaN) score are left out and counted in `n_undefined`. Intervals are
     percentile intervals over `n_boot` resamples of the items. Resamples with a single label are
-    skipped, and the intervals stay NaN when over half of them are. `reason` says why a value is
-    NaN.
+    skipped, and the intervals stay NaN when over half of them are. `reason` gives the cause
+    when a value is NaN.
 
     Returns
     -------
