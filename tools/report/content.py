@@ -1,6 +1,6 @@
 """Turn the report-data dict into the plain sentences and tables that the templates lay out.
 
-Everything here is pure Python over the dict that `tools/report/data.py` builds; the HTML and
+Everything here is pure Python over the dict that `tools/report/data.py` builds. The HTML and
 Markdown templates share it, so both formats carry the same words and numbers.
 """
 
@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 LIGHT_ORDER = {"red": 0, "amber": 1, "green": 2}
-LIGHT_WORDS = {"red": "red", "amber": "amber", "green": "green"}
 TOP_FINDINGS = 5
 
 # Plural clinical names of common class labels; other labels read as "<label> cases".
@@ -40,7 +39,7 @@ REPORT_TERMS = {
 
 
 class ReportDataError(ValueError):
-    """Report data that lacks a key or holds a value the renderers cannot use."""
+    """Report data that lacks a key or contains a value the renderers cannot use."""
 
 
 REQUIRED_KEYS = ("schema_version", "audit", "model", "data", "plan", "conditions", "results",

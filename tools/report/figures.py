@@ -89,7 +89,7 @@ def _finding_lights(data: dict) -> dict[tuple[str, str], str]:
 
 
 def severity_figures(data: dict, lookup: Lookup) -> list[Figure]:
-    """One figure per planned shift: each whole-set metric against severity, clean at 0."""
+    """Draw one figure per planned shift: each whole-set metric against severity, clean at 0."""
     shifts: dict[str, list[dict]] = {}
     for condition in data["conditions"]:
         if condition.get("kind") == "shift" and is_number(condition.get("severity")):

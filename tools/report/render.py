@@ -43,6 +43,7 @@ from tools.report.figures import Figure, build_figures
 
 TEMPLATES = Path(__file__).with_name("templates")
 FIGURE_DIR = "figures"
+OPTIONAL_FIGURES = ("reliability", "forest", "calibration", "risk-coverage")
 
 __all__ = ["ReportDataError", "build_view", "render_html", "render_json", "render_markdown",
            "write_report"]
@@ -120,13 +121,16 @@ def _referral_view(data: dict, lookup: Lookup) -> dict | None:
     for item in referral.get("rows") or []:
         condition = lookup.conditions.get(item.get("condition"))
         meets = item.get("meets_target")
+        meets_text = "–"
+        if meets is not None:
+            meets_text = "yes" if meets else "no"
         rows.append({
             "label": condition_label(condition) if condition else item.get("condition", ""),
             "threshold": fmt(item.get("threshold")),
             "referred": fmt_percent(item.get("referred"), 1),
             "accepted": fmt(item.get("accepted_value")),
             "interval": fmt_interval(item.get("low"), item.get("high")),
-            "meets": "yes" if meets else ("no" if meets is not None else "–"),
+            "meets": meets_text,
         })
     return {"summary": summary, "sentence": referral.get("sentence"), "rows": rows,
             "target_metric": target_metric}
@@ -138,6 +142,7 @@ def _mitigation_view(data: dict, lookup: Lookup) -> dict | None:
     if not mitigation:
         return None
     metric = lookup.display(mitigation.get("metric", ""))
+
     policy = mitigation.get("policy") or {}
     steps = [f"{pretty_name(step.get('shift', ''))} with probability "
              f"{fmt(step.get('probability'), 2)}" for step in policy.get("steps") or []]
@@ -153,6 +158,7 @@ def _mitigation_view(data: dict, lookup: Lookup) -> dict | None:
     if is_number(mitigation.get("overall_recovered_fraction")):
         overall = (f"Overall, {fmt_percent(mitigation['overall_recovered_fraction'])} of the "
                    "drop under the chosen shifts was recovered.")
+
     rows = []
     for item in mitigation.get("conditions") or []:
         condition = lookup.conditions.get(item.get("condition"))
@@ -276,7 +282,7 @@ def _contact_sheet(data: dict) -> str | None:
     except (binascii.Error, ValueError):
         raise ReportDataError("report data contact_sheet_png is not valid base64") from None
     if not raw.startswith(b"\x89PNG"):
-        raise ReportDataError("report data contact_sheet_png does not hold a PNG image")
+        raise ReportDataError("report data contact_sheet_png does not contain a PNG image")
     return encoded
 
 
@@ -292,7 +298,9 @@ def build_view(data: dict) -> dict:
     """Collect every sentence, table and figure the templates lay out."""
     check_report_data(data)
     lookup = Lookup(data)
-    figures = build_figures(data, lookup)
+    # Every optional figure name is present, as None when the data has nothing to draw.
+    figures: dict[str, Figure | None] = dict.fromkeys(OPTIONAL_FIGURES)
+    figures.update(build_figures(data, lookup))
     classes = consequence_classes(data)
     findings = [finding_view(f, lookup, classes) for f in sorted_findings(data)]
     top = [finding_view(f, lookup, classes) for f in top_findings(data, lookup)]
@@ -311,7 +319,8 @@ def build_view(data: dict) -> dict:
         "class_table": class_table(data, lookup),
         "differences": difference_rows(data, lookup),
         "figures": figures,
-        "severity_figures": [f for name, f in figures.items() if name.startswith("severity-")],
+        "severity_figures": [f for name, f in figures.items()
+                             if f is not None and name.startswith("severity-")],
         "reliability_tables": _reliability_tables(data),
         "contact_sheet": _contact_sheet(data),
         "calibration": _calibration_view(data, lookup),
@@ -327,6 +336,9 @@ def build_view(data: dict) -> dict:
         "spec_text": spec_text,
         "reviews": list(data.get("reviews") or []),
         "narrative": _paragraphs(data.get("narrative")),
+        # The first consequence of the top finding, repeated in the verdict box.
+        "patient": next(({"sentence": f["consequences"][0], "id": f["id"]}
+                         for f in top if f["consequences"]), None),
     }
 
 
@@ -380,8 +392,10 @@ def write_report(data: dict, out_dir: Path) -> dict[str, Path]:
     figure_folder.mkdir(parents=True, exist_ok=True)
 
     written: dict[str, Path] = {}
-    figures: dict[str, Figure] = view["figures"]
+    figures: dict[str, Figure | None] = view["figures"]
     for name, figure in figures.items():
+        if figure is None:
+            continue
         path = figure_folder / f"{name}.svg"
         path.write_text(figure.svg + "\n", encoding="utf-8")
         written[f"figure:{name}"] = path
