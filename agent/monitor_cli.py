@@ -1,0 +1,219 @@
+"""The `clinaudit monitor` command: label-free checks of a deployment batch against an audit.
+
+`agent/cli.py` registers `monitor` on the main typer app. Exit codes follow the other
+commands: 0 no alert, 1 an alert, 2 bad input (one line naming the audit, file or value).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import typer
+
+from agent.cli import ProgressBars, bad_input_exits, console, err_console, store_path
+
+
+@contextmanager
+def _monitor_errors() -> Iterator[None]:
+    """Turn MonitorError into one line on stderr and exit code 2, like `bad_input_exits`."""
+    from tools.monitor import MonitorError
+
+    try:
+        yield
+    except MonitorError as error:
+        err_console.print(f"[bold red]error:[/] {str(error).splitlines()[0]}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def monitor(
+    audit: str = typer.Option(..., "--audit", help="Id of the audit the batch is compared with "
+                              "(see `clinaudit runs`)."),
+    data: Path = typer.Option(..., "--data", help="Deployment batch without labels: an image "
+                              "folder, or a CSV manifest (metadata columns optional)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="DuckDB file of audits "
+                                         "[default: $CLINAUDIT_STORE, else ./clinaudit.duckdb]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the monitoring record "
+                                       "(JSON) and the trend plot [default: "
+                                       "audits/<audit id>/monitor/]."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder of a manifest "
+                                          "batch [default: images/ beside the manifest, else "
+                                          "the manifest's folder]."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Manifest column naming "
+                                            "each image file <id>.jpg/.png [default: the "
+                                            "audit spec's data.id_column]."),
+    path_column: Optional[str] = typer.Option(None, "--path-column", help="Manifest column with "
+                                              "image paths relative to --images."),
+    max_accuracy_drop: Optional[float] = typer.Option(
+        None, help="Alert when estimated accuracy (ATC) is more than this below the audited "
+        "clean accuracy, as a fraction (0.05 = 5 points)."),
+    max_balanced_accuracy_drop: Optional[float] = typer.Option(
+        None, help="Alert when estimated balanced accuracy (ATC) is more than this below the "
+        "audited clean balanced accuracy."),
+    max_drift_p: Optional[float] = typer.Option(
+        None, help="Alert when a drift test's p-value (adjusted over the image statistics) is "
+        "below this."),
+    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap replicates per interval "
+                                            "[default: the audit's]."),
+    sample: int = typer.Option(200, help="Clean test images re-shifted per audited shift to "
+                               "describe it for the nearest-condition match."),
+    score: str = typer.Option("max_confidence", help="ATC score: max_confidence or "
+                              "negative_entropy."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default: the audit's]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass "
+                                             "[default: the audit's]."),
+) -> None:
+    """Check an unlabelled deployment batch against an audit; exit 1 on an alert."""
+    from tools.monitor import (
+        MonitorThresholds,
+        build_reference,
+        load_audit_spec,
+        load_batch,
+        load_classifier_for,
+        monitor_batch,
+        monitor_history,
+        plot_trend,
+    )
+    from tools.store import Store
+
+    with bad_input_exits(), _monitor_errors():
+        with Store(store_path(store)) as db:
+            db.require_audit(audit)
+            raw_spec = db.audit(audit)["spec"] or {}
+            spec = load_audit_spec(db, audit)
+            thresholds = _thresholds(MonitorThresholds, raw_spec, max_accuracy_drop,
+                                     max_balanced_accuracy_drop, max_drift_p)
+            classifier = load_classifier_for(spec, device)
+            batch = load_batch(data, classifier.input_size,
+                               greyscale_model=getattr(classifier, "in_chans", 3) == 1,
+                               id_column=id_column or spec.data.id_column,
+                               path_column=path_column, images_dir=images)
+            rows = batch_size or spec.audit.batch_size
+            with ProgressBars() as bars:
+                reference = build_reference(db, audit, spec, classifier, sample=sample,
+                                            batch_size=rows, progress=bars)
+                if reference.greyscale:
+                    # The audit data is grey-scale even where the model reads three channels.
+                    load_batch(data, classifier.input_size, greyscale_model=True,
+                               id_column=id_column or spec.data.id_column,
+                               path_column=path_column, images_dir=images)
+                record = monitor_batch(
+                    db, audit, batch, reference, classifier, thresholds=thresholds,
+                    n_boot=spec.audit.bootstrap if bootstrap is None else bootstrap,
+                    score=score, batch_size=rows, progress=bars)
+            history = monitor_history(db, audit)
+
+        folder = out or Path("audits") / audit / "monitor"
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.fromisoformat(record["created_at"]).strftime("%Y%m%d-%H%M%S-%f")
+        record_path = folder / f"monitor-{stamp}.json"
+        import json
+
+        record_path.write_text(json.dumps(record, indent=2))
+        trend_path = plot_trend(history, folder / "monitor_trend.svg")
+
+    print_record(record)
+    console.print(f"record: {record_path}")
+    console.print(f"trend ({len(history)} batches): {trend_path}")
+    if record["alerts"]:
+        console.print(f"[bold red]{len(record['alerts'])} alert(s):[/]")
+        for alert in record["alerts"]:
+            console.print(f"  - {alert}", highlight=False)
+        raise typer.Exit(1)
+    if any(value is not None for value in record["thresholds"].values()):
+        console.print("[green]No alert.[/]")
+
+
+def _thresholds(model, raw_spec: dict[str, Any], max_accuracy_drop, max_balanced_accuracy_drop,
+                max_drift_p):
+    """Merge the spec's `monitor` section (when the spec has one) with the command line."""
+    from tools.monitor import MonitorError
+    from pydantic import ValidationError
+
+    from tools.spec import format_validation_error
+
+    merged = dict(raw_spec.get("monitor") or {})
+    options = {"max_accuracy_drop": max_accuracy_drop,
+               "max_balanced_accuracy_drop": max_balanced_accuracy_drop,
+               "max_drift_p": max_drift_p}
+    merged.update({key: value for key, value in options.items() if value is not None})
+    try:
+        return model.model_validate(merged)
+    except ValidationError as error:
+        raise MonitorError(format_validation_error(error, "monitor thresholds")) from None
+
+
+def _value(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _interval(entry: dict[str, Any]) -> str:
+    if entry.get("low") is None:
+        return _value(entry.get("value"))
+    return f"{_value(entry['value'])} ({_value(entry['low'])} to {_value(entry['high'])})"
+
+
+def print_record(record: dict[str, Any]) -> None:
+    """Print a monitoring record as tables."""
+    from rich.table import Table
+
+    batch = record["batch"]
+    console.print(f"Batch {batch['source']}: {batch['n']} images, audit {record['audit_id']}.")
+
+    performance = record["performance"]
+    clean = record["audited_clean"]
+    table = Table(title="Estimated performance without labels (95% bootstrap interval)")
+    for column in ("metric", "audited clean", "ATC estimate", "mean-confidence estimate"):
+        table.add_column(column)
+    for metric in ("accuracy", "balanced_accuracy"):
+        table.add_row(metric, _value(clean.get(metric)), _interval(performance[f"{metric}_atc"]),
+                      _interval(performance[f"{metric}_confidence"]))
+    console.print(table)
+
+    table = Table(title="Input drift against the clean test images")
+    for column in ("statistic", "clean mean", "batch mean", "std. mean difference", "KS D",
+                   "adjusted p"):
+        table.add_column(column)
+    for row in record["input_drift"]:
+        table.add_row(row["statistic"], _value(row["reference_mean"], 4),
+                      _value(row["batch_mean"], 4), _value(row["smd"], 2),
+                      _value(row["ks_statistic"], 2), f"{row['q_value']:.2g}")
+    console.print(table)
+
+    output = record["output_drift"]
+    console.print(f"Confidence: mean {_value(output['confidence']['reference_mean'])} on clean, "
+                  f"{_value(output['confidence']['batch_mean'])} on the batch "
+                  f"(KS D {_value(output['confidence']['ks_statistic'], 2)}, "
+                  f"p = {output['confidence']['p_value']:.2g}). Predicted class mix: "
+                  f"total variation {_value(output['class_mix']['total_variation'], 2)}, "
+                  f"chi-square p = {output['class_mix']['p_value']:.2g}.", highlight=False)
+
+    prevalence = record["prevalence"]
+    table = Table(title="Class prevalence: calibration split, predicted, corrected estimates")
+    for column in ("class", "calibration", "predicted", "BBSE", "EM"):
+        table.add_column(column)
+    for k, name in enumerate(record["classes"]):
+        def cell(method: str) -> str:
+            entry = prevalence[method]
+            if entry["low"] is None:
+                return _value(entry["value"][k])
+            return f"{_value(entry['value'][k])} ({_value(entry['low'][k])} to {_value(entry['high'][k])})"
+
+        table.add_row(name, _value(prevalence["source"][k]),
+                      _value(output["class_mix"]["batch"][k]), cell("bbse"), cell("em"))
+    console.print(table)
+
+    nearest = record["nearest"]
+    console.print(f"Nearest audited condition: [bold]{nearest['condition']}[/] "
+                  f"(distance {_value(nearest['distance'], 2)}; next: "
+                  + ", ".join(f"{row['condition']} {_value(row['distance'], 2)}"
+                              for row in nearest["ranking"][1:4]) + ").", highlight=False)
+    measured = [row for row in nearest["measured"] if row["metric"] in ("accuracy", "balanced_accuracy")]
+    for row in measured or nearest["measured"][:4]:
+        change = "" if row["delta_vs_clean"] is None else f", {row['delta_vs_clean']:+.3f} vs clean"
+        console.print(f"  the audit measured {row['metric']} {_value(row['value'])} "
+                      f"({_value(row['low'])} to {_value(row['high'])}{change}) there",
+                      highlight=False)
