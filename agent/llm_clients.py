@@ -5,11 +5,14 @@ The `openai` client brings the timeout and the bounded retries with exponential 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
 
 from agent.llm_qa import LLMAuditError
+
+log = logging.getLogger(__name__)
 
 NO_CLARIFICATION = "no clarification needed"
 
@@ -86,18 +89,32 @@ def _chat(client, model: str, messages: list[dict], n: int, temperature: float,
 
 def sample_answers(client, model: str, question: str, m: int, temperature: float,
                    max_tokens: int) -> list[str]:
-    """Sample m answers to a question, topping up when a server returns fewer choices than n."""
+    """Sample m answers to a question, topping up when a server returns fewer choices than n.
+
+    A server that rejects n > 1 with HTTP 400 is asked again one choice per request.
+    """
+    import openai
+
     messages = [
         {"role": "system", "content": ANSWER_SYSTEM},
         {"role": "user", "content": question},
     ]
     answers: list[str] = []
-    for _ in range(m):
-        answers += _chat(client, model, messages, m - len(answers), temperature, max_tokens)
+    per_request = m
+    for _ in range(m + 1):
+        wanted = min(per_request, m - len(answers))
+        try:
+            answers += _chat(client, model, messages, wanted, temperature, max_tokens)
+        except openai.BadRequestError:
+            if wanted == 1:
+                raise
+            log.info("model %s rejected n=%d; requesting one answer at a time", model, wanted)
+            per_request = 1
+            continue
         if len(answers) >= m:
             return answers[:m]
     raise LLMAuditError(
-        f"model {model!r} returned {len(answers)} of {m} requested answers after {m} requests"
+        f"model {model!r} returned {len(answers)} of {m} requested answers after {m + 1} requests"
     )
 
 

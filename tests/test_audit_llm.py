@@ -88,13 +88,15 @@ QA_ROWS = [
 class ScriptedServer:
     """A tiny /v1/chat/completions server that replies from SCRIPT and records each request.
 
-    It returns at most `max_choices` choices per request, so the client has to top up, and it
-    fails the first request for any question listed in `fail_once` with HTTP 500.
+    It returns at most `max_choices` choices per request, so the client has to top up. It fails
+    the first request for any question in `fail_once` with HTTP 500, every request for a question
+    in `fail_always` with HTTP 400, and with `reject_n` every request for n > 1 with HTTP 400.
     """
 
     def __init__(self, max_choices: int = 3, fail_once: tuple[str, ...] = (),
-                 fail_always: tuple[str, ...] = ()):
+                 fail_always: tuple[str, ...] = (), reject_n: bool = False):
         self.max_choices = max_choices
+        self.reject_n = reject_n
         self.fail_once = set(fail_once)
         self.fail_always = set(fail_always)
         self.requests: list[dict] = []
@@ -123,6 +125,8 @@ class ScriptedServer:
                     self.fail_once.discard(question)
                     return 500, []
             if any(question in user for question in self.fail_always):
+                return 400, []
+            if self.reject_n and body.get("n", 1) > 1:
                 return 400, []
 
         # Questions outside SCRIPT get no clarification and the answer "Protamine".
@@ -292,6 +296,14 @@ def test_audit_llm_tops_up_when_server_caps_choices(qa_file, tmp_path, no_key):
         assert all(len(group) == 5 for group in question["answers"]), question["id"]
     # 5 answers in requests of at most 2 choices: n = 5, then 3, then 1.
     assert [body["n"] for body in sampling[:3]] == [5, 3, 1]
+
+
+def test_audit_llm_falls_back_to_one_choice_per_request(qa_file, tmp_path, no_key):
+    with ScriptedServer(reject_n=True) as server:
+        result = _run(server, qa_file, tmp_path)
+    assert result.report["skipped"] == []
+    for question in result.report["questions"]:
+        assert all(len(group) == 5 for group in question["answers"]), question["id"]
 
 
 def test_audit_llm_retries_after_server_error(qa_file, tmp_path, no_key):
