@@ -102,13 +102,13 @@ def sample_answers(client, model: str, question: str, m: int, temperature: float
     answers: list[str] = []
     per_request = m
     for _ in range(m + 1):
-        wanted = min(per_request, m - len(answers))
+        requested = min(per_request, m - len(answers))
         try:
-            answers += _chat(client, model, messages, wanted, temperature, max_tokens)
+            answers += _chat(client, model, messages, requested, temperature, max_tokens)
         except openai.BadRequestError:
-            if wanted == 1:
+            if requested == 1:
                 raise
-            log.info("model %s rejected n=%d; requesting one answer at a time", model, wanted)
+            log.info("model %s rejected n=%d; requesting one answer at a time", model, requested)
             per_request = 1
             continue
         if len(answers) >= m:
