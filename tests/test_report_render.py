@@ -50,7 +50,8 @@ def minimal_data(mel_clean: float = 0.95, mel_shifted: float = 0.875) -> dict:
         results.append({"condition": key, "metric": "balanced_accuracy", "params": {},
                         "class": None, "value": ba, "low": ba - 0.03, "high": ba + 0.03,
                         "reason": None})
-        results.append({"condition": key, "metric": "sensitivity", "params": {}, "class": "mel",
+        results.append({"condition": key, "metric": "sensitivity", "params": {"count": 40},
+                        "class": "mel",
                         "value": sens, "low": sens - 0.05, "high": min(1.0, sens + 0.04),
                         "reason": None})
     return {
@@ -166,7 +167,8 @@ def test_natural_frequency_rejects_bad_rate():
 def test_missed_melanoma_sentence_hand_case():
     html = render_html(minimal_data(mel_clean=0.95, mel_shifted=0.875))
     expected = ("About 1 in 8 melanomas imaged with jpeg compression at severity 3 would be "
-                "missed, against about 1 in 20 on the clean test images.")
+                "missed (5 of 40 in this test set), against about 1 in 20 on the clean test "
+                "images.")
     assert expected in html
     assert expected in render_markdown(minimal_data(mel_clean=0.95, mel_shifted=0.875))
 

@@ -298,7 +298,10 @@ def miss_sentence(lookup: Lookup, key: str, cls: str, reference: str = "clean") 
     missed = 1 - row["value"]
     plural = class_plural(cls)
     sentence = f"{natural_frequency(missed).capitalize()} {plural} {condition_phrase(condition)}"
-    sentence += " would be missed" if missed < 1 else " would be missed (all of them)"
+    sentence += " would be missed"
+    count = (row.get("params") or {}).get("count")
+    if is_number(count) and count > 0:
+        sentence += f" ({round(missed * count)} of {count:.0f} in this test set)"
 
     reference_row = lookup.per_class.get((reference, "sensitivity", cls))
     if key != reference and reference_row and is_number(reference_row.get("value")):

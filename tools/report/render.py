@@ -286,6 +286,17 @@ def _contact_sheet(data: dict) -> str | None:
     return encoded
 
 
+def _filled(section: dict, keys: tuple[str, ...]) -> dict:
+    """Copy of `section` where the listed keys read "–" when missing or None, for display."""
+    filled = dict(section)
+    for key in keys:
+        if filled.get(key) is None:
+            filled[key] = "–"
+    filled.setdefault("classes", [])
+    filled["classes"] = filled["classes"] or []
+    return filled
+
+
 def _paragraphs(text: Any) -> list[str]:
     if not text:
         return []
@@ -307,9 +318,11 @@ def build_view(data: dict) -> dict:
     repro_items, packages, spec_text = _reproducibility(data)
     return {
         "schema_version": data["schema_version"],
-        "audit": data["audit"],
-        "model": data["model"],
-        "dataset": data["data"],
+        "audit": _filled(data["audit"], ("id", "created_at", "kind", "status", "planner")),
+        "model": _filled(data["model"], ("arch", "checkpoint", "checkpoint_sha256",
+                                         "input_size")),
+        "dataset": _filled(data["data"], ("name", "n_train", "n_calibration", "n_test",
+                                          "data_hash")),
         "verdict": verdict_view(data, lookup),
         "top_findings": top,
         "more_findings": len(findings) - len(top),
