@@ -20,6 +20,8 @@ from tools.shifts.base import ImageFn, Recipe, ShiftInfo
 ALL_DOMAINS = ("dermatology", "histopathology", "chest_radiography", "ophthalmology",
                "haematology")
 MICROSCOPY = ("histopathology", "haematology")
+# Colour shifts make no sense on grey-scale radiographs.
+COLOUR_DOMAINS = tuple(d for d in ALL_DOMAINS if d != "chest_radiography")
 
 
 def _draw_seed(rng: np.random.Generator) -> int:
@@ -276,10 +278,10 @@ _RECIPES = [
             "noise sigma {} grey levels of 255", (4, 8, 13, 20, 30), _gaussian_noise),
     _recipe("shot_noise", "noise",
             "Poisson (photon counting) noise, stronger in relative terms in dark regions.",
-            "{} photons per unit intensity at full white", (250, 100, 40, 16, 6), _shot_noise),
+            "{} photons per unit intensity at full white", (300, 120, 50, 22, 10), _shot_noise),
     _recipe("speckle_noise", "noise",
             "Multiplicative noise: each pixel scaled by a uniform random gain.",
-            "per-pixel gain uniform in 1 +/- {}", (0.08, 0.15, 0.22, 0.32, 0.45),
+            "per-pixel gain uniform in 1 +/- {}", (0.05, 0.1, 0.15, 0.22, 0.3),
             _speckle_noise),
     # blur
     _recipe("gaussian_blur", "blur", "Gaussian blur, as from a soft or poorly focused optic.",
@@ -295,7 +297,7 @@ _RECIPES = [
     # exposure
     _recipe("brightness", "exposure",
             "Over- or under-exposure: a constant added to every pixel, sign random per image.",
-            "brightness +/- {:.0%} of the full grey range", (0.06, 0.12, 0.2, 0.28, 0.38),
+            "brightness +/- {:.0%} of the full grey range", (0.05, 0.1, 0.16, 0.23, 0.3),
             _brightness),
     _recipe("contrast", "exposure",
             "Reduced contrast: pixels pulled towards the mean grey level of the image.",
@@ -306,17 +308,18 @@ _RECIPES = [
     # colour
     _recipe("saturation", "colour", "Colour saturation raised or lowered, chosen per image.",
             "saturation factor 1 +/- {}", (0.15, 0.3, 0.45, 0.6, 0.75), _saturation,
-            colour=True),
+            colour=True, domains=COLOUR_DOMAINS),
     _recipe("hue", "colour", "Hue rotation, as from another sensor's colour processing.",
-            "hue rotated by +/- {} degrees", (4, 8, 14, 22, 32), _hue, colour=True),
+            "hue rotated by +/- {} degrees", (4, 8, 14, 22, 32), _hue, colour=True,
+            domains=COLOUR_DOMAINS),
     _recipe("white_balance", "colour",
             "White-balance error: red and blue gains moved in opposite directions (warm or cool).",
             "red and blue gains 1 +/- {}", (0.04, 0.08, 0.13, 0.19, 0.26), _white_balance,
-            colour=True),
+            colour=True, domains=COLOUR_DOMAINS),
     _recipe("stain_variation", "colour",
             "H&E stain variation in haematoxylin-eosin-DAB space (scikit-image rgb2hed).",
-            "each stain amount scaled by 1 +/- {0} and offset by {0}/10 optical density",
-            (0.05, 0.1, 0.16, 0.23, 0.32), _stain_variation, colour=True, domains=MICROSCOPY),
+            "each stain amount scaled by 1 +/- {0} and offset by {0}/20 optical density",
+            (0.04, 0.08, 0.12, 0.17, 0.23), _stain_variation, colour=True, domains=MICROSCOPY),
     # compression and resolution
     _recipe("jpeg", "compression", "Lossy JPEG compression, as by PACS or messaging apps.",
             "JPEG quality {}", (70, 50, 35, 22, 12), _jpeg),

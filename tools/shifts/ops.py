@@ -87,7 +87,7 @@ def stain_variation(image: np.ndarray, rng: np.random.Generator, strength: float
     """Change the amount of each stain in haematoxylin-eosin-DAB (HED) optical density space.
 
     Each stain channel c becomes c * (1 + a_c) + b_c with |a_c| = strength and
-    |b_c| = strength / 10 optical density units, signs drawn per image: the colour deconvolution
+    |b_c| = strength / 20 optical density units, signs drawn per image: the colour deconvolution
     of Ruifrok and Johnston as implemented by scikit-image's rgb2hed and hed2rgb.
     """
     from skimage.color import hed2rgb, rgb2hed
@@ -95,7 +95,7 @@ def stain_variation(image: np.ndarray, rng: np.random.Generator, strength: float
     scale_signs = rng.choice([-1.0, 1.0], size=3)
     offset_signs = rng.choice([-1.0, 1.0], size=3)
     hed = rgb2hed(image)
-    hed = hed * (1.0 + scale_signs * strength) + offset_signs * strength / 10.0
+    hed = hed * (1.0 + scale_signs * strength) + offset_signs * strength / 20.0
     return _to_uint8(hed2rgb(hed) * 255.0)
 
 
