@@ -16,10 +16,12 @@ from typing import Iterator, Optional
 import typer
 from rich.console import Console
 
+from agent.cli_llm import audit_llm
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit a medical image classifier under distribution shift.")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 StoreOption = typer.Option(None, "--store", help="DuckDB file of audits "
                            "[default: $CLINAUDIT_STORE, else ./clinaudit.duckdb].")
@@ -488,6 +490,9 @@ def mitigate(
                   f"Overall recovered: {'n/a' if overall is None else f'{overall:.0%}'}.")
     for kind, path in paths.items():
         console.print(f"{kind}: {path}")
+
+
+app.command("audit-llm")(audit_llm)
 
 
 def main() -> None:  # pragma: no cover - console entry point

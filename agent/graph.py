@@ -5,10 +5,11 @@ progress callback, the function that asks the user, the confirmation prompt) tra
 run's `configurable` config instead of the state.
 """
 
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from langchain_core.runnables import RunnableConfig
 
 from agent import resources
 from agent.state import AuditState, DatasetInfo
@@ -16,7 +17,7 @@ from tools.spec import AuditPlan, AuditSpec, Context, spec_from_dict
 from tools.store import Store
 
 
-def _options(config: dict | None) -> dict[str, Any]:
+def _options(config: RunnableConfig | None) -> dict[str, Any]:
     return (config or {}).get("configurable", {})
 
 
@@ -28,7 +29,7 @@ def _log(state: AuditState, line: str) -> list[str]:
     return [*state.get("log", []), line]
 
 
-def interview(state: AuditState, config: dict | None = None) -> dict[str, Any]:
+def interview(state: AuditState, config: RunnableConfig | None = None) -> dict[str, Any]:
     options = _options(config)
     spec = _spec(state)
     loaded = resources.load(spec)
@@ -40,7 +41,7 @@ def interview(state: AuditState, config: dict | None = None) -> dict[str, Any]:
             "log": _log(state, "interview finished")}
 
 
-def plan(state: AuditState, config: dict | None = None) -> dict[str, Any]:
+def plan(state: AuditState, config: RunnableConfig | None = None) -> dict[str, Any]:
     options = _options(config)
     spec = _spec(state)
     context = Context.model_validate(state["context"])
@@ -72,7 +73,7 @@ def plan(state: AuditState, config: dict | None = None) -> dict[str, Any]:
     return update
 
 
-def run(state: AuditState, config: dict | None = None) -> dict[str, Any]:
+def run(state: AuditState, config: RunnableConfig | None = None) -> dict[str, Any]:
     import time
 
     from tools.runner import AuditInputs, AuditRunner
@@ -101,7 +102,7 @@ def run(state: AuditState, config: dict | None = None) -> dict[str, Any]:
     return {"log": _log(state, "conditions finished")}
 
 
-def findings(state: AuditState, config: dict | None = None) -> dict[str, Any]:
+def findings(state: AuditState, config: RunnableConfig | None = None) -> dict[str, Any]:
     from tools.runner import find_and_store_findings
 
     spec = _spec(state)
@@ -110,7 +111,7 @@ def findings(state: AuditState, config: dict | None = None) -> dict[str, Any]:
     return {"findings": found, "log": _log(state, f"{len(found)} findings")}
 
 
-def report(state: AuditState, config: dict | None = None) -> dict[str, Any]:
+def report(state: AuditState, config: RunnableConfig | None = None) -> dict[str, Any]:
     from tools.report import write_audit_report
 
     options = _options(config)

@@ -104,7 +104,8 @@ def test_ece_and_brier_match_independent_recomputation(audited, condition):
     brier = brier_score_loss(labels, probs, labels=list(range(len(HAM_CLASSES))))
     by_hand = np.mean(np.sum((probs - np.eye(len(HAM_CLASSES))[labels]) ** 2, axis=1))
 
-    assert stored["ece_top_label"] == pytest.approx(float(ece), abs=1e-9)
+    # torchmetrics accumulates the bins in float32, hence the looser tolerance.
+    assert stored["ece_top_label"] == pytest.approx(float(ece), abs=1e-6)
     assert stored["brier"] == pytest.approx(by_hand, abs=1e-12)
     # scikit-learn >= 1.7 sums over classes for multiclass input, as the engine does.
     assert brier == pytest.approx(by_hand, abs=1e-12)
