@@ -23,6 +23,9 @@ Progress = Callable[[str, int, int], None]
 # frequencies ("about 1 in 8 melanomas ... would be missed").
 PER_CLASS_METRIC = "sensitivity"
 
+# Accuracy the accepted predictions must reach when the user stated no referral target.
+DEFAULT_REFERRAL_TARGET = 0.95
+
 
 @dataclass
 class AuditInputs:
@@ -127,6 +130,7 @@ class AuditRunner:
         self._externals(clean_probs, labels)
         if self.inputs.calibration is not None and len(self.inputs.calibration.ids):
             self._recalibration()
+            self._referral()
 
         self.timings["total_seconds"] = time.perf_counter() - started
         return {"timings": self.timings}
@@ -356,6 +360,28 @@ class AuditRunner:
         })
         self.store.save_artifact(self.audit_id, "calibration_candidates", candidates)
         self.progress("Temperature scaling", 2, 2)
+
+
+    def _referral(self) -> None:
+        """Learn the referral threshold on the calibration split and check it everywhere."""
+        from tools.referral import referral_report
+
+        if self.store.artifact(self.audit_id, "referral") is not None:
+            return
+        self.progress("Referral rule", 0, 1)
+        conditions = {}
+        for condition in self.store.conditions(self.audit_id):
+            if condition.too_small or condition.kind == "prevalence":
+                continue
+            stored = self.store.predictions(self.audit_id, condition.key)
+            conditions[condition.key] = (stored["probs"], stored["labels"])
+        target = self.spec.context.referral_target or DEFAULT_REFERRAL_TARGET
+        report, candidates = referral_report(
+            self._calibration_split_probs(), self.inputs.calibration.labels, conditions, target,
+            n_boot=self.settings.bootstrap, seed=self.settings.seed)
+        self.store.save_artifact(self.audit_id, "referral", report)
+        self.store.save_artifact(self.audit_id, "referral_candidates", candidates)
+        self.progress("Referral rule", 1, 1)
 
 
 def find_and_store_findings(store: Store, audit_id: str, spec: AuditSpec) -> list[dict[str, Any]]:

@@ -1,0 +1,60 @@
+"""Referral rule learned on the calibration split and checked under other conditions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tools.referral import referral_report, risk_coverage_curve
+
+
+def two_class(confidence_of_right, confidence_of_wrong):
+    """Probabilities whose top class is 0; labels 0 for the right rows, 1 for the wrong ones."""
+    conf = np.concatenate([confidence_of_right, confidence_of_wrong])
+    probs = np.stack([conf, 1 - conf], axis=1)
+    labels = np.concatenate([np.zeros(len(confidence_of_right), int),
+                             np.ones(len(confidence_of_wrong), int)])
+    return probs, labels
+
+
+def test_risk_coverage_curve_by_hand():
+    confidence = np.array([0.9, 0.8, 0.7, 0.6])
+    correct = np.array([1.0, 0.0, 1.0, 0.0])
+    curve = risk_coverage_curve(confidence, correct)
+    assert curve["coverage"] == [0.25, 0.5, 0.75, 1.0]
+    assert curve["risk"] == pytest.approx([0.0, 0.5, 1 / 3, 0.5], abs=1e-4)
+
+
+def test_rule_that_breaks_under_shift_is_a_candidate():
+    # Calibration: right answers are confident (0.9), wrong ones are not (0.6).
+    cal_probs, cal_labels = two_class(np.full(90, 0.9), np.full(10, 0.6))
+    # Clean test behaves the same; under the shift the wrong answers become confident too.
+    clean = two_class(np.full(90, 0.9), np.full(10, 0.6))
+    shifted = two_class(np.full(60, 0.9), np.full(40, 0.95))
+    report, candidates = referral_report(cal_probs, cal_labels,
+                                         {"clean": clean, "shift:blur:5": shifted}, target=0.95,
+                                         n_boot=200)
+    rows = {r["condition"]: r for r in report["rows"]}
+    # The threshold accepts exactly the 0.9-confidence rows: accuracy 1.0, 10 % referred.
+    assert report["threshold"] == pytest.approx(0.9)
+    assert rows["clean"]["referred"] == pytest.approx(0.10)
+    assert rows["clean"]["accepted_value"] == pytest.approx(1.0)
+    # Under the shift everything is accepted: 60 right out of 100.
+    assert rows["shift:blur:5"]["referred"] == pytest.approx(0.0)
+    assert rows["shift:blur:5"]["accepted_value"] == pytest.approx(0.60)
+    assert [c["condition"] for c in candidates] == ["shift:blur:5"]
+    assert candidates[0]["effect"] == pytest.approx(0.35)
+    assert "60%" in report["sentence"]
+    assert "10%" in report["sentence"]
+
+
+def test_unreachable_target_refers_everything():
+    cal_probs, cal_labels = two_class(np.full(5, 0.6), np.full(5, 0.9))
+    report, candidates = referral_report(cal_probs, cal_labels,
+                                         {"clean": (cal_probs, cal_labels)}, target=0.99,
+                                         n_boot=50)
+    assert report["threshold"] is None
+    assert report["rows"][0]["referred"] == 1.0
+    assert report["rows"][0]["accepted_value"] is None
+    assert candidates == []
+    assert "No confidence threshold" in report["sentence"]
