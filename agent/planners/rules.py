@@ -145,10 +145,19 @@ def choose_metrics(context: Context, info: DatasetInfo) -> tuple[list[MetricChoi
         metrics.append(MetricChoice(id="average_precision", reason=(
             "One class is rare, where AUROC looks good even with many false alarms; average "
             "precision shows how many flagged cases are real.")))
-    if context.referral_target is not None:
-        metrics.append(MetricChoice(id="aurc", reason=(
-            "Uncertain cases are referred to a human, so the audit checks that the model's "
-            "confidence ranks its own errors (area under the risk-coverage curve).")))
+    # Failure detection is measured for every audit: a prediction is actionable only if a
+    # wrong one can be told from a right one, and under shift this breaks first.
+    metrics.append(MetricChoice(id="auroc_f", reason=(
+        "Can the model's confidence tell its right answers from its wrong ones? (AUROC of "
+        "correct against incorrect.)")))
+    metrics.append(MetricChoice(id="aurc", reason=(
+        "Uncertain cases can be referred to a human; the area under the risk-coverage curve "
+        "measures how well confidence ranks the model's own errors" + (
+            "." if context.referral_target is None else
+            f", for the stated referral target of {context.referral_target:.0%}."))))
+    metrics.append(MetricChoice(id="eaurc", reason=(
+        "AURC minus the best possible for this accuracy, so models of different accuracy "
+        "compare on ranking alone.")))
     return metrics, primary, primary_reason
 
 
