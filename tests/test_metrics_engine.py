@@ -303,7 +303,7 @@ def test_paired_bootstrap_detects_degradation():
     assert nll.p_value < 0.01
 
 
-def test_paired_bootstrap_of_identical_conditions_has_p_value_one():
+def test_paired_identical_conditions_p_value_one():
     probs, labels = _data()
 
     difference = paired_bootstrap(["auroc"], probs, probs, labels, n_boot=100)["auroc"]
@@ -331,3 +331,17 @@ def test_bootstrap_progress_callback():
     bootstrap_metrics(["accuracy"], probs, labels, n_boot=5, progress=lambda done, total: calls.append((done, total)))
 
     assert calls == [(i, 5) for i in range(1, 6)]
+
+
+def test_bootstrap_of_kernel_metrics_states_subsample():
+    probs, labels = _data(n=300, k=3)
+    metrics = [("kce", {"max_pairs": 5000}), ("ece_kde", {"bandwidth": 0.1, "resample_max_n": 100})]
+
+    estimates = bootstrap_metrics(metrics, probs, labels, n_boot=100)
+
+    kce = estimates["kce@max_pairs=5000"]
+    kde = estimates["ece_kde@bandwidth=0.1,resample_max_n=100"]
+    assert kce.extra["interval_pairs"] == 5000
+    assert kde.extra["interval_rows"] == 100
+    assert kce.low <= kce.value <= kce.high
+    assert kde.low <= kde.value <= kde.high

@@ -76,7 +76,7 @@ def test_aurc_does_not_depend_on_order_within_ties():
     assert swapped == pytest.approx(4 / 9)
 
 
-def test_all_correct_gives_zero_risk_and_nan_auroc_f():
+def test_failure_metrics_all_correct():
     probs, labels = _binary([0.9, 0.7, 0.6], [1, 1, 1])
 
     assert compute_metric("aurc", probs, labels).value == 0.0
@@ -86,7 +86,7 @@ def test_all_correct_gives_zero_risk_and_nan_auroc_f():
     assert "every prediction is correct" in result.reason
 
 
-def test_all_wrong_gives_full_risk_and_nan_auroc_f():
+def test_failure_metrics_all_wrong():
     probs, labels = _binary([0.9, 0.7, 0.6], [0, 0, 0])
 
     assert compute_metric("aurc", probs, labels).value == pytest.approx(1.0)

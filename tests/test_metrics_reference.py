@@ -84,8 +84,8 @@ CONVENTIONS = [
     ("MCE_top_label", "torchmetrics", _always, "mce_top_label", lambda p: {"n_bins": p["bins"]}),
     ("CE_top_label_L2", "torchmetrics", _always, "ce_l2_top_label",
      lambda p: {"n_bins": p["bins"], "binning": p["binning"], "debias": False}),
-    # Kumar's equal-mass bins are chunks of ceil(n/B) sorted rows, which equal the engine's
-    # quantile bins only when B divides n; his estimator returns the square, without the root.
+    # Kumar's equal-mass bins are chunks of ceil(n/B) sorted rows. They equal the engine's
+    # quantile bins only when B divides n. His estimator returns the square, without the root.
     ("CE_top_label_L2", "better_uncertainty_calibration", _kumar_bins_coincide, "ce_l2_top_label",
      lambda p: {"n_bins": p["bins"], "binning": p["binning"], "debias": True}),
     ("CWCE", "MetricsReloaded", _always, "cwce", lambda p: {"n_bins": p["bins"]}),
@@ -256,7 +256,7 @@ def test_loo_bandwidth_matches_ece_kde_reference():
         assert loo_bandwidth(probs) == pytest.approx(case["expected"], rel=1e-5), case["name"]
 
 
-def test_ece_kde_is_nan_with_reason_where_reference_code_fails():
+def test_ece_kde_nan_on_zero_probability():
     probs, labels = _input_arrays("bin_edges_exact")
 
     result = compute_metric("ece_kde", probs, labels)
@@ -390,7 +390,8 @@ def test_macro_mean_leaves_out_undefined_classes(case):
         expected = np.nanmean(values)
 
     if math.isnan(expected):
-        assert math.isnan(result.value) and result.reason
+        assert math.isnan(result.value)
+        assert result.reason
     else:
         assert result.value == pytest.approx(expected, abs=1e-12)
     assert result.extra.get("absent_classes", []) == [k for k in k_all if k not in present] or probs.shape[1] == 2

@@ -23,14 +23,14 @@ def positive_class_of(inputs: MetricInputs, positive_class: int | None, metric_i
     return positive_class
 
 
-def classes_to_average(inputs: MetricInputs, positive_class: int | None) -> list[int] | None:
+def classes_to_average(inputs: MetricInputs, positive_class: int | None, metric_id: str) -> list[int] | None:
     """Return ``[positive_class]`` for a one-vs-rest view, or None for a macro average over classes.
 
     Binary input without a positive class means class 1; multiclass input without one means
     the macro average.
     """
     if positive_class is not None:
-        return [positive_class_of(inputs, positive_class, "this metric")]
+        return [positive_class_of(inputs, positive_class, metric_id)]
     if inputs.n_classes == 2:
         return [1]
     return None

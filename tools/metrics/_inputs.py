@@ -17,6 +17,15 @@ def _first_bad_row(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _raise_first_bad_row(array: np.ndarray, name: str) -> None:
+    finite = np.isfinite(array).all(axis=1)
+    negative = (array < 0).any(axis=1)
+    row = _first_bad_row(~finite | negative)
+    if not finite[row]:
+        raise MetricError(f"{name} row {row} contains NaN or inf: {array[row].tolist()}")
+    raise MetricError(f"{name} row {row} contains a negative value: {array[row].tolist()}")
+
+
 def validate_probs(probs, name: str = "probs", renormalise: bool = False) -> np.ndarray:
     """Return ``probs`` as a float64 (n, K) array after checking it.
 
@@ -35,16 +44,13 @@ def validate_probs(probs, name: str = "probs", renormalise: bool = False) -> np.
     if array.shape[0] == 0:
         raise MetricError(f"{name} has no rows")
 
-    finite = np.isfinite(array).all(axis=1)
-    if not finite.all():
-        row = _first_bad_row(~finite)
-        raise MetricError(f"{name} row {row} contains NaN or inf: {array[row].tolist()}")
-    negative = (array < 0).any(axis=1)
-    if negative.any():
-        row = _first_bad_row(negative)
-        raise MetricError(f"{name} row {row} contains a negative value: {array[row].tolist()}")
+    # The global minimum catches NaN and negative values (NaN >= 0 is False) and the row
+    # sums catch inf; both are single fast passes, and the bad row is located only on failure.
+    # A matrix-vector product sums short rows much faster than sum(axis=1).
+    sums = array @ np.ones(array.shape[1])
+    if not array.min() >= 0 or not np.isfinite(sums).all():
+        _raise_first_bad_row(array, name)
 
-    sums = array.sum(axis=1)
     off = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
     if off.any():
         row = _first_bad_row(off)
@@ -116,7 +122,7 @@ class MetricInputs:
         self.cache: dict = {}
 
     @classmethod
-    def from_raw(cls, probs, labels, renormalise: bool = False) -> "MetricInputs":
+    def from_raw(cls, probs, labels, renormalise: bool = False) -> MetricInputs:
         checked = validate_probs(probs, renormalise=renormalise)
         return cls(checked, validate_labels(labels, checked.shape[0], checked.shape[1]))
 

@@ -34,7 +34,7 @@ def equal_width_index(scores: np.ndarray, n_bins: int) -> np.ndarray:
 
 
 def equal_mass_edges(ordered: np.ndarray, ordered_weights: np.ndarray, n_bins: int) -> np.ndarray:
-    """The quantiles at 0, 1/B, ..., 1 of sorted scores with count weights (numpy's linear rule).
+    """Compute the quantiles at 0, 1/B, ..., 1 of sorted scores with count weights (numpy's linear rule).
 
     A row of weight w counts as w copies, so with integer weights this equals
     ``np.quantile(np.repeat(ordered, weights), np.linspace(0, 1, B + 1))``: quantile b sits at
@@ -59,8 +59,8 @@ def equal_mass_index(scores: np.ndarray, weights: np.ndarray, n_bins: int, order
     """Bin index for bins between the weighted B-quantiles of the scores, each bin (l, u].
 
     Edges are the quantiles at 0, 1/B, ..., 1 (numpy's linear rule), and a score equal to an
-    interior edge goes to the lower bin; this is scikit-learn's ``calibration_curve(strategy=
-    'quantile')`` rule. Bins are defined on score values, so tied scores always share a bin;
+    interior edge goes to the lower bin. This is the rule of scikit-learn's
+    ``calibration_curve(strategy='quantile')``. Bins are defined on score values, so tied scores always share a bin;
     when ties make two edges equal, the bin between them is empty and weighs 0.
     """
     if order is None:

@@ -8,8 +8,8 @@ rather than once per replicate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -89,12 +89,17 @@ def _strata(labels: np.ndarray, stratified: bool) -> list[np.ndarray] | None:
     return [np.flatnonzero(labels == k) for k in np.unique(labels)]
 
 
-def _interval(values: np.ndarray) -> tuple[float, float]:
+def _interval(values: np.ndarray, kind: str = "percentile", estimate: float = math.nan) -> tuple[float, float]:
+    """95 % percentile interval of the replicates, or for "median_centred" metrics the same
+    quantiles minus the replicates' median plus ``estimate``."""
     finite = values[~np.isnan(values)]
     if finite.size == 0:
         return math.nan, math.nan
     tail = (1 - CONFIDENCE_LEVEL) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
+    if kind == "median_centred":
+        shift = estimate - float(np.median(finite))
+        low, high = low + shift, high + shift
     return float(low), float(high)
 
 
@@ -154,7 +159,8 @@ def bootstrap_metrics(
 
     Replicates where a metric is NaN (for example a class missing from a resample) are left
     out of its interval and counted in ``extra['n_boot_undefined']``. The O(n²) metrics use
-    their subsampled form in the replicates; their ``extra`` says so.
+    their subsampled form in the replicates, and ``extra['interval_pairs']`` or
+    ``extra['interval_rows']`` records the size of the subsample.
     """
     _check_n_boot(n_boot)
     resolved = _resolve(metrics)
@@ -166,18 +172,22 @@ def bootstrap_metrics(
     rng = np.random.default_rng(seed)
     strata = _strata(inputs.labels, stratified)
     replicates = np.full((len(resolved), n_boot), np.nan)
+    subsample_sizes: list[dict] = [{} for _ in resolved]
     for b in range(n_boot):
         counts = base * _count_weights(rng, inputs.n, strata)
         for m, (_, info, params) in enumerate(resolved):
-            replicates[m, b] = evaluate(info, inputs, counts, params).value
+            result = evaluate(info, inputs, counts, params)
+            replicates[m, b] = result.value
+            if b == 0:
+                subsample_sizes[m] = {f"interval_{k}": v for k, v in result.extra.items() if k in ("pairs", "rows")}
         if progress is not None:
             progress(b + 1, n_boot)
 
     estimates = {}
-    for m, (key, _, _) in enumerate(resolved):
+    for m, (key, info, _) in enumerate(resolved):
         point = points[key]
-        low, high = _interval(replicates[m])
-        extra = {**point.extra, **_replicate_warning(replicates[m])}
+        low, high = _interval(replicates[m], info.interval, point.value)
+        extra = {**point.extra, **subsample_sizes[m], **_replicate_warning(replicates[m])}
         estimates[key] = Estimate(point.value, low, high, point.reason, extra)
     return estimates
 

@@ -54,9 +54,9 @@ def ece_top_label(inputs: MetricInputs, weights: np.ndarray, n_bins: int = DEFAU
 
     ECE = Σ_b (n_b/n) |ā_b − c̄_b| over bins of the confidence c_i = max_k P_ik, with ā_b the
     accuracy and c̄_b the mean confidence in bin b; empty bins weigh 0. Equal-width bins are
-    [b/B, (b+1)/B) with the last one closed at 1 (numpy's histogram rule, which netcal follows
-    for scores inside (0, 1)); torchmetrics gives a score of exactly 1 its own extra bin and puts
-    scores that equal a decimal edge such as 0.6 into the lower bin. Equal-mass bins lie
+    [b/B, (b+1)/B) with the last one closed at 1. This is numpy's histogram rule, which netcal
+    follows for scores inside (0, 1). torchmetrics instead gives a score of exactly 1 its own
+    extra bin and puts scores that equal a decimal edge such as 0.6 into the lower bin. Equal-mass bins lie
     between the B-quantiles of the confidence and never split tied scores (scikit-learn's
     quantile strategy, see ``binning.equal_mass_index``).
     """
@@ -201,7 +201,7 @@ def oe_ratio(inputs: MetricInputs, weights: np.ndarray) -> MetricResult:
 def oe_ratio_class(inputs: MetricInputs, weights: np.ndarray, positive_class: int | None = None) -> MetricResult:
     """Per-class observed-to-expected ratio #{y = k} / Σ_i P_ik (calibration in the large).
 
-    The value is for ``positive_class`` (class 1 of binary input); ``extra['per_class']`` holds
+    The value is for ``positive_class`` (class 1 of binary input); ``extra['per_class']`` contains
     every class, NaN where the expected count is 0. It is 0 when the class never occurs.
     """
     k = positive_class_of(inputs, positive_class, "oe_ratio_class")
@@ -316,10 +316,10 @@ def eci(inputs: MetricInputs, weights: np.ndarray, n_bins: int = 10, binning: st
 def eci_balance(inputs: MetricInputs, weights: np.ndarray, n_bins: int = 10, binning: str = "equal_width") -> MetricResult:
     """Direction of miscalibration in [−1, 1], CalFram's ``ec_dir``; positive means over-confident.
 
-    Per class: the bin-weighted mean of d_b over bins where the observed frequency is below
-    the mean score, minus the same mean over bins where it is above (each side weighted by its
-    own bin counts, an empty side counting 0, bins exactly on the diagonal on neither side);
-    the mean over classes leaves out NaN. Bins and
+    Per class, it is the bin-weighted mean of d_b over bins where the observed frequency is
+    below the mean score, minus the same mean over bins where it is above. Each side is
+    weighted by its own bin counts, an empty side counts 0, and bins exactly on the diagonal
+    belong to neither side. The mean over classes leaves out NaN. Bins and
     d_b as in ``eci``. 0 is balanced, not necessarily calibrated, so ``higher_is_better`` is
     only nominal.
     """

@@ -52,8 +52,9 @@ def balanced_accuracy(inputs: MetricInputs, weights: np.ndarray) -> MetricResult
     """Mean recall over the classes present in the labels: (1/|S|) Σ_{k∈S} C_kk / Σ_j C_kj.
 
     Classes absent from the labels are left out of the mean and listed in
-    ``extra['absent_classes']``; this is scikit-learn's ``balanced_accuracy_score`` convention
-    (torchmetrics counts an absent class as recall 0, Metrics Reloaded returns NaN).
+    ``extra['absent_classes']``. This is the convention of scikit-learn's
+    ``balanced_accuracy_score``. torchmetrics counts an absent class as recall 0, and Metrics
+    Reloaded returns NaN.
     """
     matrix = confusion(inputs, weights)
     support = matrix.sum(axis=1)
@@ -140,8 +141,9 @@ def cohen_kappa(inputs: MetricInputs, weights: np.ndarray, weighting: str = "non
 def _cost_matrix(cost_matrix, k: int, matrix: np.ndarray) -> np.ndarray | None:
     """Return the (K, K) cost matrix indexed [true class, predicted class].
 
-    None means 0-1 costs; "prior" means Metrics Reloaded's default 1/(K · prevalence of the
-    true class) off the diagonal, or None when a class is absent so that the cost is undefined.
+    None means 0-1 costs. "prior" means Metrics Reloaded's default 1/(K · prevalence of the
+    true class) off the diagonal. The result is None when "prior" meets an absent class,
+    because that cost is then undefined.
     """
     if cost_matrix is None:
         return 1.0 - np.eye(k)
@@ -247,6 +249,9 @@ def _lr_plus(tp, fp, fn, tn):
 
 
 def _f_beta(beta):
+    if not beta > 0:
+        raise MetricError(f"f_beta beta must be positive, got {beta!r}")
+
     def compute(tp, fp, fn, tn):
         b2 = beta * beta
         return _ratio((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp)
@@ -301,6 +306,7 @@ def _register_rate(metric_id, display, reading, statistic, higher_is_better, doc
 
     @register(metric_id, display=display, family="counting", higher_is_better=higher_is_better, reading=reading, **defaults)
     def metric(inputs: MetricInputs, weights: np.ndarray, positive_class=None, threshold=None, **params) -> MetricResult:
+        # A metric with extra parameters (F-beta) registers a factory that takes them.
         chosen = statistic(**params) if params else statistic
         return _per_class_statistic(inputs, weights, chosen, positive_class, threshold, metric_id)
 
@@ -369,7 +375,7 @@ def net_benefit(inputs: MetricInputs, weights: np.ndarray, threshold: float = 0.
 
     Positive means P[:, positive class] >= t. Metrics Reloaded's BinaryPairwiseMeasures gives
     the same value with exchange rate t/(1 − t); its probabilistic ``net_benefit_treated``
-    multiplies the two terms and is wrong. ``extra`` holds the treat-all net benefit.
+    multiplies the two terms and is wrong. ``extra`` contains the treat-all net benefit.
     """
     if not 0 < threshold < 1:
         raise MetricError(f"net_benefit threshold must be in (0, 1), got {threshold!r}")

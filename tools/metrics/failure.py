@@ -139,9 +139,9 @@ def auroc_f(inputs: MetricInputs, weights: np.ndarray, confidence: str = "msp") 
 def aurc(inputs: MetricInputs, weights: np.ndarray, confidence: str = "msp") -> MetricResult:
     """Area under the risk-coverage curve, AURC = (1/n) Σ_{k=1..n} risk_k (Geifman et al. 2019).
 
-    risk_k is the error rate among the k most confident predictions; within a tie of
-    confidence it is the expectation over a random order of the tied rows. 0 when every
-    prediction is correct, 1 when every one is wrong.
+    risk_k is the error rate among the k most confident predictions. Within a tie of
+    confidence it is the expectation over a random order of the tied rows. AURC is 0 when
+    every prediction is correct and 1 when every one is wrong.
     """
     scores = _confidence(inputs, confidence)
     return MetricResult(aurc_value(scores, inputs.correct, weights))
@@ -163,7 +163,10 @@ def eaurc(inputs: MetricInputs, weights: np.ndarray, confidence: str = "msp") ->
     """
     scores = _confidence(inputs, confidence)
     value = aurc_value(scores, inputs.correct, weights) - optimal_aurc(inputs.correct, weights)
-    return MetricResult(max(value, 0.0) if value > -1e-12 else value)
+    # Rounding can leave a perfect ranking a hair below 0.
+    if -1e-12 < value < 0:
+        value = 0.0
+    return MetricResult(value)
 
 
 @register(
@@ -200,8 +203,8 @@ def selective_risk(inputs: MetricInputs, weights: np.ndarray, confidence: str = 
 class Referral:
     """A referral rule: predictions with confidence below ``threshold`` go to a clinician.
 
-    ``threshold`` is None when no threshold reaches the target; then every prediction is
-    referred and ``reason`` says why.
+    ``threshold`` is None when no threshold reaches the target. Then every prediction is
+    referred and ``reason`` gives the cause.
     """
 
     threshold: float | None
@@ -234,10 +237,10 @@ def _check_referral_inputs(confidence, correct, weights):
 def referral_threshold(confidence, correct, target: float, weights=None) -> Referral:
     """Find the referral rule that keeps accepted predictions at ``target`` accuracy.
 
-    Predictions with confidence >= threshold are accepted and the rest referred. Of all
-    thresholds (every distinct confidence) whose accepted predictions reach ``target``
-    accuracy, the one that refers the fewest is returned; accepted accuracy need not be
-    monotone in the threshold, so every threshold is checked.
+    Predictions with confidence >= threshold are accepted and the rest referred. Every
+    distinct confidence is tried as the threshold, because accepted accuracy need not be
+    monotone in it. Of the thresholds whose accepted predictions reach ``target`` accuracy,
+    the one that refers the fewest is returned.
 
     Parameters
     ----------

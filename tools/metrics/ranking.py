@@ -14,7 +14,8 @@ def _sorted_scores(inputs: MetricInputs, column: int):
 
     def build():
         scores = inputs.probs[:, column]
-        order = np.argsort(-scores, kind="stable")
+        # Tied scores form one threshold, so the order within a tie does not matter.
+        order = np.argsort(-scores)
         ordered = scores[order]
         run_ends = np.append(np.flatnonzero(np.diff(ordered) != 0), inputs.n - 1)
         target = (inputs.labels[order] == column).astype(np.float64)
@@ -26,13 +27,27 @@ def _sorted_scores(inputs: MetricInputs, column: int):
 def weighted_roc_points(scores_order, target, run_ends, weights):
     """Cumulative true- and false-positive weight at every distinct threshold, from the top.
 
-    Tied scores form one threshold, so a tie run moves the ROC curve diagonally; this is the
-    grouping scikit-learn's ``roc_curve`` applies.
+    Tied scores form one threshold, so a tie run moves the ROC curve diagonally. This is the
+    grouping that scikit-learn's ``roc_curve`` applies.
     """
     ordered_weights = weights[scores_order]
     tp = np.cumsum(ordered_weights * target)[run_ends]
-    fp = np.cumsum(ordered_weights * (1.0 - target))[run_ends]
+    fp = np.cumsum(ordered_weights)[run_ends] - tp
     return tp, fp
+
+
+def _roc_points(inputs: MetricInputs, column: int, weights: np.ndarray, uniform: bool):
+    """Return the ROC points of one column, cached when all weights are equal.
+
+    AUROC and AP do not change when every weight is scaled, so equal weights act as ones.
+    """
+    order, target, run_ends = _sorted_scores(inputs, column)
+    if uniform:
+        return inputs.cached(
+            ("unit_roc_points", column),
+            lambda: weighted_roc_points(order, target, run_ends, np.ones(inputs.n)),
+        )
+    return weighted_roc_points(order, target, run_ends, weights)
 
 
 def binary_auroc(tp: np.ndarray, fp: np.ndarray) -> float:
@@ -54,7 +69,7 @@ def binary_average_precision(tp: np.ndarray, fp: np.ndarray) -> float:
 
 
 def _one_vs_rest(inputs, weights, positive_class, average, metric_id, compute, needs_negatives):
-    classes = classes_to_average(inputs, positive_class)
+    classes = classes_to_average(inputs, positive_class, metric_id)
     if average not in ("macro", "micro"):
         raise MetricError(f"{metric_id} average must be 'macro' or 'micro', got {average!r}")
 
@@ -62,6 +77,7 @@ def _one_vs_rest(inputs, weights, positive_class, average, metric_id, compute, n
         return _micro(inputs, weights, metric_id, compute, needs_negatives)
 
     targets = classes if classes is not None else list(range(inputs.n_classes))
+    uniform = bool(np.all(weights == weights[0]))
     class_weight = np.bincount(inputs.labels, weights=weights, minlength=inputs.n_classes)
     total = weights.sum()
     values = {}
@@ -72,8 +88,7 @@ def _one_vs_rest(inputs, weights, positive_class, average, metric_id, compute, n
             skipped.append(int(k))
             values[int(k)] = float("nan")
             continue
-        order, target, run_ends = _sorted_scores(inputs, k)
-        tp, fp = weighted_roc_points(order, target, run_ends, weights)
+        tp, fp = _roc_points(inputs, k, weights, uniform)
         values[int(k)] = compute(tp, fp)
 
     defined = [v for v in values.values() if not np.isnan(v)]
@@ -87,7 +102,7 @@ def _one_vs_rest(inputs, weights, positive_class, average, metric_id, compute, n
 def _micro(inputs, weights, metric_id, compute, needs_negatives):
     def build():
         scores = inputs.probs.ravel()
-        order = np.argsort(-scores, kind="stable")
+        order = np.argsort(-scores)
         ordered = scores[order]
         run_ends = np.append(np.flatnonzero(np.diff(ordered) != 0), scores.size - 1)
         return order, inputs.onehot.ravel()[order], run_ends

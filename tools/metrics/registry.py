@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,10 @@ class MetricInfo:
     """Registry entry of a metric.
 
     ``fn(inputs: MetricInputs, weights: np.ndarray, **params) -> MetricResult`` does the
-    computation; ``default_params`` lists every parameter the metric accepts.
+    computation, and ``default_params`` lists every parameter the metric accepts.
+    ``interval`` is "percentile" (the 95 % percentile bootstrap interval) or "median_centred"
+    for metrics whose bootstrap replicates are biased: the spread of the replicates around
+    their median, placed around the estimate.
     """
 
     id: str
@@ -38,6 +42,7 @@ class MetricInfo:
     reading: str
     default_params: dict
     fn: Callable[..., MetricResult]
+    interval: str = "percentile"
 
 
 REGISTRY: dict[str, MetricInfo] = {}
@@ -50,6 +55,7 @@ def register(
     higher_is_better: bool,
     reading: str,
     needs: frozenset[str] | set[str] = frozenset(),
+    interval: str = "percentile",
     **default_params: Any,
 ) -> Callable:
     """Add the decorated function to REGISTRY under ``id``."""
@@ -66,6 +72,7 @@ def register(
             reading=reading,
             default_params=dict(default_params),
             fn=fn,
+            interval=interval,
         )
         return fn
 

@@ -12,7 +12,11 @@ from .registry import MetricResult, register
 
 
 def _brier_terms(inputs: MetricInputs) -> np.ndarray:
-    return inputs.cached("brier_terms", lambda: ((inputs.probs - inputs.onehot) ** 2).sum(axis=1))
+    # Σ_k (P_ik − e_ik)² = Σ_k P_ik² − 2 P_{i,y_i} + 1, without building the one-hot matrix.
+    return inputs.cached(
+        "brier_terms",
+        lambda: np.einsum("ij,ij->i", inputs.probs, inputs.probs) - 2.0 * inputs.true_class_prob + 1.0,
+    )
 
 
 @register(
