@@ -261,3 +261,16 @@ def test_scorer_runs_llm_planner_and_counts_misses():
     assert "ask intended_use" in score.missed
     assert "shift family blur" in score.missed
     assert 0 < score.agreement < 1
+
+
+def test_identifier_column_values_are_not_sent():
+    info = ham_info()
+    info.metadata.append(ColumnSummary(name="lesion_id", numeric=False, distinct=900,
+                                       top_values={"HAM_0000118": 3, "HAM_0002730": 2}))
+    info.metadata[0].top_values = {"male": 300, "female": 280}
+    with ScriptedLLM(plan_replies()) as server:
+        planner_for(server).plan(Context(), info)
+    sent = json.dumps(server.requests[0])
+    assert "HAM_0000118" not in sent
+    assert "lesion_id" in sent
+    assert "female" in sent

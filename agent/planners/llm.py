@@ -24,6 +24,10 @@ from tools.spec import AuditPlan, Context
 
 log = logging.getLogger(__name__)
 
+# Metadata columns with more distinct values than this are sent to the model without their
+# values: such a column is an identifier (patient or lesion id) or free text, not a category.
+MAX_CATEGORY_VALUES = 20
+
 MODEL_ENV = "CLINAUDIT_LLM_MODEL"
 BASE_URL_ENV = "OPENAI_BASE_URL"
 API_KEY_ENV = "OPENAI_API_KEY"
@@ -31,6 +35,16 @@ API_KEY_ENV = "OPENAI_API_KEY"
 
 class LLMError(ValueError):
     """The LLM endpoint failed, timed out or is misconfigured."""
+
+
+def model_view(info: DatasetInfo) -> dict[str, Any]:
+    """Return the dataset description the model may see: `info` without the values of
+    identifier-like columns, whose most common values would be patient or lesion ids."""
+    view = info.model_dump(mode="json")
+    for column in view["metadata"]:
+        if column["distinct"] > MAX_CATEGORY_VALUES:
+            column["top_values"] = {}
+    return view
 
 
 def _message_dict(message: Any) -> dict[str, Any]:
@@ -145,14 +159,14 @@ class LLMPlanner:
                           "what the context already implies.")
         prompt = load_prompt("interview", user_available=user_available,
                              context=json.dumps(context.model_dump(mode="json"), indent=1),
-                             dataset=json.dumps(info.model_dump(mode="json"), indent=1))
+                             dataset=json.dumps(model_view(info), indent=1))
         self._run_phase(session, "interview", prompt)
         return session.context
 
     def plan(self, context: Context, info: DatasetInfo, n_boot: int = 1000) -> AuditPlan:
         session = ToolSession(context=context, info=info, n_boot=n_boot)
         values = {"context": json.dumps(context.model_dump(mode="json"), indent=1),
-                  "dataset": json.dumps(info.model_dump(mode="json"), indent=1)}
+                  "dataset": json.dumps(model_view(info), indent=1)}
         prompt = load_prompt("metrics") + "\n\n" + load_prompt("shifts", **values)
         self._run_phase(session, "plan", prompt)
         self.actions.extend(session.actions)
