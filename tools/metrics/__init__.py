@@ -7,6 +7,7 @@ from . import calibration, counting, failure, kernel, ranking, scores  # noqa: F
 from ._inputs import MetricError
 from .bootstrap import Difference, Estimate, bootstrap_metrics, paired_bootstrap, unpaired_bootstrap
 from .calibration import reliability_bins
+from .failure import Referral, apply_referral, confidence_scores, referral_threshold
 from .registry import REGISTRY, MetricInfo, MetricResult, compute_metric
 
 __all__ = [
@@ -16,9 +17,13 @@ __all__ = [
     "MetricError",
     "MetricInfo",
     "MetricResult",
+    "Referral",
+    "apply_referral",
     "bootstrap_metrics",
     "compute_metric",
+    "confidence_scores",
     "paired_bootstrap",
+    "referral_threshold",
     "reliability_bins",
     "unpaired_bootstrap",
 ]

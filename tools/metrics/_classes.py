@@ -1,4 +1,4 @@
-"""Which class is positive, and the one-vs-rest views shared by several metric families."""
+"""Positive-class choice and one-vs-rest class selection shared by several metric families."""
 
 from __future__ import annotations
 

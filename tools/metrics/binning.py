@@ -39,11 +39,15 @@ def equal_mass_edges(ordered: np.ndarray, ordered_weights: np.ndarray, n_bins: i
     A row of weight w counts as w copies, so with integer weights this equals
     ``np.quantile(np.repeat(ordered, weights), np.linspace(0, 1, B + 1))``: quantile b sits at
     position h = (N − 1)·b/B of the N copies and is interpolated between copies floor(h) and
-    floor(h) + 1. Non-integer weights use the same formula with N = Σ w.
+    floor(h) + 1. Non-integer weights (for example reweighting to another population) are
+    first scaled to sum to the number of rows with positive weight, then used the same way.
     """
     kept = ordered_weights > 0
     values = ordered[kept]
-    cumulative = np.cumsum(ordered_weights[kept])
+    kept_weights = ordered_weights[kept]
+    if not np.all(kept_weights == np.round(kept_weights)):
+        kept_weights = kept_weights * (kept_weights.size / kept_weights.sum())
+    cumulative = np.cumsum(kept_weights)
     # (N − 1)·b is formed before dividing by B so that integer positions stay exact.
     position = (cumulative[-1] - 1.0) * np.arange(n_bins + 1) / n_bins
     below = np.floor(position)
@@ -60,8 +64,9 @@ def equal_mass_index(scores: np.ndarray, weights: np.ndarray, n_bins: int, order
 
     Edges are the quantiles at 0, 1/B, ..., 1 (numpy's linear rule), and a score equal to an
     interior edge goes to the lower bin. This is the rule of scikit-learn's
-    ``calibration_curve(strategy='quantile')``. Bins are defined on score values, so tied scores always share a bin;
-    when ties make two edges equal, the bin between them is empty and weighs 0.
+    ``calibration_curve(strategy='quantile')``. Bins are defined on score values, so tied
+    scores always share a bin. When ties make two edges equal, the bin between them is empty
+    and weighs 0.
     """
     if order is None:
         order = np.argsort(scores, kind="stable")

@@ -16,7 +16,7 @@ FAMILIES = ("counting", "multi_threshold", "calibration", "proper_score", "failu
 
 @dataclass
 class MetricResult:
-    """Value of one metric; ``reason`` says why the value is NaN, ``extra`` holds details."""
+    """Value of one metric, with ``reason`` giving the cause of a NaN and ``extra`` the details."""
 
     value: float
     reason: str | None = None
