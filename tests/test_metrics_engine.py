@@ -316,7 +316,8 @@ def test_unpaired_bootstrap_subgroup_against_rest():
     probs, labels = _data(n=600)
     worse = 0.3 * probs[:200] + 0.7 / probs.shape[1]
 
-    differences = unpaired_bootstrap(["brier"], worse, labels[:200], probs[200:], labels[200:], n_boot=300)
+    # The rest of the test set is the reference (a), the worse subgroup the condition (b).
+    differences = unpaired_bootstrap(["brier"], probs[200:], labels[200:], worse, labels[:200], n_boot=300)
 
     brier = differences["brier"]
     assert brier.reference == pytest.approx(compute_metric("brier", probs[200:], labels[200:]).value)

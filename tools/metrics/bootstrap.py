@@ -149,7 +149,8 @@ def bootstrap_metrics(
 
     Parameters
     ----------
-    metrics : ids, or (id, params) tuples; results are keyed by id, or ``id@k=v,...``.
+    metrics : ids, or (id, params) tuples; results are keyed by id, or ``id@k=v,...`` with
+        the parameters sorted by name.
     probs, labels, weights, renormalise : as in ``compute_metric``. Sample weights multiply the
         resample counts.
     n_boot : number of replicates; 0 gives NaN intervals.
@@ -276,8 +277,9 @@ def unpaired_bootstrap(
 ) -> dict[str, Difference]:
     """Bootstrap the difference of each metric between two independent sets of images.
 
-    Set b is the reference and set a the condition (a subgroup against the rest of the test
-    set), so delta = metric(a) − metric(b). Each replicate resamples a and b independently.
+    Set a is the reference and set b the condition, in the argument order of
+    ``paired_bootstrap``: for a subgroup, a is the rest of the test set and b the subgroup.
+    delta = metric(b) − metric(a), and each replicate resamples a and b independently.
     """
     _check_n_boot(n_boot)
     resolved = _resolve(metrics)
@@ -295,14 +297,14 @@ def unpaired_bootstrap(
     strata_a = _strata(a_inputs.labels, stratified)
     strata_b = _strata(b_inputs.labels, stratified)
     deltas = np.full((len(resolved), n_boot), np.nan)
-    for b in range(n_boot):
+    for replicate in range(n_boot):
         counts_a = base_a * _count_weights(rng, a_inputs.n, strata_a)
         counts_b = base_b * _count_weights(rng, b_inputs.n, strata_b)
         for m, (_, info, params) in enumerate(resolved):
-            deltas[m, b] = (
-                evaluate(info, a_inputs, counts_a, params).value
-                - evaluate(info, b_inputs, counts_b, params).value
+            deltas[m, replicate] = (
+                evaluate(info, b_inputs, counts_b, params).value
+                - evaluate(info, a_inputs, counts_a, params).value
             )
         if progress is not None:
-            progress(b + 1, n_boot)
-    return _differences(resolved, b_points, a_points, deltas)
+            progress(replicate + 1, n_boot)
+    return _differences(resolved, a_points, b_points, deltas)

@@ -141,7 +141,7 @@ def compute_metric(
 
 
 def metric_key(metric_id: str, params: dict | None) -> str:
-    """Return the result key: the id alone, or ``id@k=v,...`` in the order the params were given."""
+    """Return the result key: the id alone, or ``id@k=v,...`` with the parameters sorted by name."""
     if not params:
         return metric_id
-    return metric_id + "@" + ",".join(f"{k}={v}" for k, v in params.items())
+    return metric_id + "@" + ",".join(f"{k}={params[k]}" for k in sorted(params))
