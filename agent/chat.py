@@ -233,16 +233,21 @@ def chat(
     console.print(f"Planner: {planner.name}")
 
     bars = LazyProgressBars()
-    connection = sqlite3.connect(checkpoint_path(store_file), check_same_thread=False)
-    graph = build_graph(checkpointer=SqliteSaver(connection))
+    checkpoints = checkpoint_path(store_file)
     audit_id = resume or new_audit_id()
     config = {"configurable": {"planner": planner, "progress": bars, "ask": _ask,
                                "confirm": _confirm_with(yes), "thread_id": audit_id}}
+    connection = None
     try:
         with bad_input_exits():
             try:
                 if resume:
-                    state = _resume(graph, config, resume, checkpoint_path(store_file))
+                    if not checkpoints.is_file():
+                        raise ChatInputError(f"--resume {resume}: no chat checkpoints at "
+                                             f"{checkpoints}; pass the --store of that chat")
+                    connection = sqlite3.connect(checkpoints, check_same_thread=False)
+                    graph = build_graph(checkpointer=SqliteSaver(connection))
+                    state = _resume(graph, config, resume, checkpoints)
                 else:
                     overrides = {k: v for k, v in {
                         "device": device, "batch_size": batch_size, "bootstrap": bootstrap,
@@ -251,6 +256,8 @@ def chat(
                                             overrides, ask_choice=_ask_choice)
                     start = initial_state(spec, base, store_file, out)
                     start["audit_id"] = audit_id
+                    connection = sqlite3.connect(checkpoints, check_same_thread=False)
+                    graph = build_graph(checkpointer=SqliteSaver(connection))
                     console.print(f"Audit id: {audit_id} (continue after an interruption with "
                                   f"--resume {audit_id})")
                     state = graph.invoke(start, config)
@@ -264,7 +271,8 @@ def chat(
         raise typer.Exit(130) from None
     finally:
         bars.close()
-        connection.close()
+        if connection is not None:
+            connection.close()
 
     if not state.get("plan_confirmed"):
         console.print("Plan not confirmed; nothing was run.")

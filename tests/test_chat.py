@@ -146,11 +146,21 @@ def test_chat_without_data_exits_2(tmp_path):
     result = CliRunner().invoke(chat_app, ["chat", "--store", str(tmp_path / "a.duckdb")])
     assert result.exit_code == 2
     assert "no data" in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_unknown_audit_exits_2(tmp_path):
     result = CliRunner().invoke(chat_app, ["chat", "--resume", "nope",
                                            "--store", str(tmp_path / "a.duckdb")])
+    assert result.exit_code == 2
+    assert "no chat checkpoints" in result.output
+
+
+def test_resume_unknown_audit_id_exits_2(tmp_path, data_folder, tiny_model):
+    answers = "\n".join(RULES_ANSWERS) + "\nn\n"
+    CliRunner().invoke(chat_app, chat_args(data_folder, tiny_model, tmp_path), input=answers)
+    result = CliRunner().invoke(chat_app, ["chat", "--resume", "nope",
+                                           "--store", str(tmp_path / "audits.duckdb")])
     assert result.exit_code == 2
     assert "no chat with this audit id" in result.output
 
