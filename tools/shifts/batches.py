@@ -5,51 +5,50 @@ from __future__ import annotations
 import multiprocessing
 import queue as queue_module
 from collections.abc import Iterator
+from functools import lru_cache
+from multiprocessing import shared_memory
 
 import numpy as np
 
 from tools.shifts.base import ShiftError
-from tools.shifts.registry import _check_seed, prepare_shift, shift_rows, validate_shift
+from tools.shifts.registry import _check_seed, prepare_shift, validate_shift
 
-# Seconds between checks of the stop flag while the worker waits for room in the queue, and of
-# the worker's liveness while the consumer waits for a batch.
+# Seconds between checks of the worker's liveness while the consumer waits for a batch.
 _POLL_SECONDS = 0.2
 # Seconds the consumer waits for a stopped worker to exit before terminating it.
 _EXIT_WAIT_SECONDS = 2.0
 
 
-def _put(queue, item: tuple, stop) -> bool:
-    """Put item on the queue unless stop is set first; return whether it was put."""
-    while not stop.is_set():
-        try:
-            queue.put(item, timeout=_POLL_SECONDS)
-            return True
-        except queue_module.Full:
-            continue
-    return False
+@lru_cache(maxsize=1)
+def _context() -> multiprocessing.context.BaseContext:
+    """Start workers from a fork server that has preloaded OpenCV and albumentations.
+
+    Plain fork is unsafe here: a child forked after the parent has used OpenCV's thread pool
+    hangs in cv2.setNumThreads (observed with opencv-python-headless 5.1 on Linux). The fork
+    server never runs OpenCV code, so children forked from it start clean, and after its first
+    start (a few seconds of imports) each worker starts in milliseconds.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" not in methods:
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # NOTE: the preload list belongs to the process-wide fork server, so it also applies to other
+    # forkserver users in this process, and it takes effect only before the server first starts.
+    context.set_forkserver_preload(["tools.shifts.worker"])
+    return context
 
 
-def _produce(images: np.ndarray, jobs: list[tuple[str, int]], seed: int, batch_size: int,
-             queue, stop) -> None:
-    """Worker process: shift every batch of every job, in order, onto the bounded queue."""
-    try:
-        import cv2
+def start_worker_server() -> None:
+    """Start the fork server for shift workers now, in the background, if it is not running.
 
-        # The consumer's inference needs the other cores, so the worker shifts on one thread.
-        cv2.setNumThreads(1)
-        for name, severity in jobs:
-            for start in range(0, len(images), batch_size):
-                if stop.is_set():
-                    return
-                batch = shift_rows(images[start:start + batch_size], name, severity, seed, start)
-                if not _put(queue, ("batch", name, severity, start, batch), stop):
-                    return
-    except Exception as error:  # noqa: BLE001 - sent to the consumer, which raises it
-        _put(queue, ("error", f"{type(error).__name__}: {error}"), stop)
-    finally:
-        if stop.is_set():
-            # Nobody reads the rest, so exit without flushing the queue's buffer into the pipe.
-            queue.cancel_join_thread()
+    Its first start imports OpenCV and albumentations, which takes seconds; calling this before
+    other work (for example the clean-set predictions) lets that import overlap with it.
+    """
+    context = _context()
+    if context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 def _get(queue, worker) -> tuple:
@@ -69,18 +68,22 @@ def _get(queue, worker) -> tuple:
 
 def _generate(images: np.ndarray, jobs: list[tuple[str, int]], seed: int, batch_size: int,
               prefetch: int) -> Iterator[tuple[str, int, int, np.ndarray]]:
-    # fork shares the images and the shifts already built here without copying them; it is what
-    # PyTorch's DataLoader uses on Linux. Elsewhere spawn copies both into the worker.
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    from tools.shifts.worker import produce
+
+    context = _context()
+    # Shared memory hands the images to the worker without pickling them.
+    memory = shared_memory.SharedMemory(create=True, size=max(1, images.nbytes))
+    shared = np.ndarray(images.shape, dtype=np.uint8, buffer=memory.buf)
+    shared[...] = images
     queue = context.Queue(maxsize=prefetch)
     stop = context.Event()
-    worker = context.Process(target=_produce, args=(images, jobs, seed, batch_size, queue, stop),
-                             name="clinaudit-shift-worker", daemon=True)
-    worker.start()
+    worker = context.Process(
+        target=produce, args=(memory.name, images.shape, jobs, seed, batch_size, queue, stop),
+        name="clinaudit-shift-worker", daemon=True)
 
-    batches_per_job = -(-len(images) // batch_size)
     try:
+        worker.start()
+        batches_per_job = -(-len(images) // batch_size)
         for _ in range(len(jobs) * batches_per_job):
             item = _get(queue, worker)
             if item[0] == "error":
@@ -90,11 +93,15 @@ def _generate(images: np.ndarray, jobs: list[tuple[str, int]], seed: int, batch_
     finally:
         # Runs when the consumer finishes, raises, or stops early (the generator is closed).
         stop.set()
-        worker.join(timeout=_EXIT_WAIT_SECONDS)
-        if worker.is_alive():
-            worker.terminate()
-            worker.join()
+        if worker.pid is not None:
+            worker.join(timeout=_EXIT_WAIT_SECONDS)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
         queue.close()
+        del shared
+        memory.close()
+        memory.unlink()
 
 
 def iter_shifted_batches(images: np.ndarray, jobs: list[tuple[str, int]], seed: int,
@@ -110,6 +117,9 @@ def iter_shifted_batches(images: np.ndarray, jobs: list[tuple[str, int]], seed: 
     exhausted, closed (``close()``, or leaving a ``for`` loop early, which closes it once the
     iterator is no longer referenced) or the caller raises. An error in the worker is raised
     here as RuntimeError with its message.
+
+    Workers start from a fork server (spawn where there is none), which imports the caller's
+    main module, so a script that calls this needs an ``if __name__ == "__main__":`` guard.
     """
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
             or images.shape[3] != 3:
@@ -126,7 +136,7 @@ def iter_shifted_batches(images: np.ndarray, jobs: list[tuple[str, int]], seed: 
     side = min(images.shape[1], images.shape[2])
     for name, severity in jobs:
         validate_shift(name, severity)
-        # Building here means a forked worker inherits the built transforms.
+        # Building here catches a transform that fails to build before any worker starts.
         prepare_shift(name, int(severity), side)
         checked.append((name, int(severity)))
 
