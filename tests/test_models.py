@@ -345,3 +345,14 @@ def test_one_cycle_rate_follows_torch_one_cycle() -> None:
     np.testing.assert_allclose(ours, torch_rates, atol=peak * 0.02)
     assert learning_rate("onecycle", peak, 1.0) == pytest.approx(peak / 25e4)
     assert learning_rate("cosine", peak, 0.5) == pytest.approx(peak / 2)
+
+
+def test_augment_returning_floats_is_rejected() -> None:
+    def to_float(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return batch / 255.0
+
+    with pytest.raises(ModelError, match="augment must return a uint8 batch of shape"):
+        train_classifier(
+            ARCH, random_images(8, 24), np.arange(8) % 2, ["a", "b"], input_size=24, epochs=1,
+            batch_size=4, augment=to_float,
+        )
