@@ -2,9 +2,9 @@
 dispatcher that validates every call.
 
 A model's tool call arrives as a name and a JSON string. `dispatch` parses the string with
-`json.loads`, validates it against the tool's argument model and runs the tool; an unknown tool,
-malformed JSON or an invalid argument comes back as an error text the model can correct. Model
-output is only ever parsed as JSON, never evaluated as code.
+`json.loads`, validates it against the tool's argument model and runs the tool. An unknown tool,
+malformed JSON or an invalid argument is returned to the model as an error text it can correct.
+Model output is only ever parsed as JSON, never evaluated as code.
 
 Tools that act on the audit itself (`run_audit`, `fit_temperature`, `propose_mitigation`,
 `write_report`) do not do the work inline. They record the request in the session and, where
@@ -118,7 +118,8 @@ class RunAuditArgs(_Args):
 
 
 class FitTemperatureArgs(_Args):
-    """Request temperature scaling fitted on the calibration split after the audit runs."""
+    """Check temperature scaling: fitted on the calibration split, evaluated under every
+    condition of the audit."""
 
     reason: str = Field(min_length=1, description="Why recalibration is worth checking here.")
     n_boot: int = Field(200, ge=20, le=10_000, description="Bootstrap refits for the interval "
@@ -368,9 +369,16 @@ def run_audit(session: ToolSession, args: RunAuditArgs) -> dict[str, Any]:
 
 
 def fit_temperature(session: ToolSession, args: FitTemperatureArgs) -> dict[str, Any]:
+    # The audit runner fits and checks temperature scaling whenever a calibration split exists,
+    # so this call confirms that it will happen (or explains why it cannot) and records why the
+    # planner wants it.
+    if session.info.n_calibration == 0:
+        raise ToolError("the data has no calibration split, so temperature scaling cannot be "
+                        "fitted; the spec's data.split.calibration must be above 0")
     session.actions.append({"tool": "fit_temperature", "arguments": args.model_dump()})
-    return {"status": f"Requested: temperature scaling fitted on the {session.info.n_calibration} "
-            "calibration images after the audit runs."}
+    return {"status": f"Scheduled: temperature scaling is fitted on the "
+            f"{session.info.n_calibration} calibration images and checked under every "
+            "condition of the audit."}
 
 
 def propose_mitigation(session: ToolSession, args: ProposeMitigationArgs) -> dict[str, Any]:

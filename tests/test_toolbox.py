@@ -285,3 +285,11 @@ def test_unknown_positive_class_name_is_rejected():
             "primary_metric": "sensitivity", "primary_reason": "r"}
     message = error_of(dispatch(session(), "select_metrics", json.dumps(args), "plan"))
     assert "positive_class 'melanoma'" in message
+
+
+def test_fit_temperature_needs_calibration_split():
+    info = ham_info().model_copy(update={"n_calibration": 0})
+    s = ToolSession(context=Context(), info=info)
+    message = error_of(dispatch(s, "fit_temperature", '{"reason": "r"}', "plan"))
+    assert "no calibration split" in message
+    assert s.actions == []
