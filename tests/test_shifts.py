@@ -149,3 +149,10 @@ def test_bad_images_rejected():
         apply_shift(np.zeros((8, 8), dtype=np.uint8), "jpeg", 1, seed=0)
     with pytest.raises(ShiftError, match="seed"):
         apply_shift(np.zeros((8, 8, 3), dtype=np.uint8), "jpeg", 1, seed=-4)
+
+
+def test_shift_images_reports_progress():
+    calls = []
+    shift_images(lesion_like_images(70, side=16), "jpeg", 2, seed=0,
+                 progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(64, 70), (70, 70)]

@@ -140,3 +140,23 @@ def test_find_domain_preset_from_free_text(text, domain):
 def test_find_domain_preset_without_match():
     assert find_domain_preset("sorting holiday photos") is None
     assert find_domain_preset(None) is None
+
+
+def test_worker_failure_is_sent_to_consumer():
+    import queue
+    import threading
+
+    import cv2
+
+    from tools.shifts.worker import produce
+
+    threads = cv2.getNumThreads()
+    results: queue.Queue = queue.Queue()
+    try:
+        produce("clinaudit_missing_block", (2, 8, 8, 3), [("jpeg", 1)], 0, 2, results,
+                threading.Event())
+    finally:
+        cv2.setNumThreads(threads)
+    kind, message = results.get_nowait()
+    assert kind == "error"
+    assert "FileNotFoundError" in message

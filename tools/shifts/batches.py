@@ -41,8 +41,9 @@ def _context() -> multiprocessing.context.BaseContext:
 def start_worker_server() -> None:
     """Start the fork server for shift workers now, in the background, if it is not running.
 
-    Its first start imports OpenCV and albumentations, which takes seconds; calling this before
-    other work (for example the clean-set predictions) lets that import overlap with it.
+    Its first start imports OpenCV and albumentations (and torch through albumentations), which
+    takes seconds. Call this before other work, such as the clean-set predictions, so that the
+    imports run alongside it.
     """
     context = _context()
     if context.get_start_method() == "forkserver":
@@ -109,8 +110,8 @@ def iter_shifted_batches(images: np.ndarray, jobs: list[tuple[str, int]], seed: 
                          ) -> Iterator[tuple[str, int, int, np.ndarray]]:
     """Yield (name, severity, start row, shifted batch) for every job, shifted ahead of use.
 
-    A worker process shifts the batches in job order while the caller predicts on earlier ones;
-    at most prefetch finished batches wait in a bounded queue. Batch rows equal
+    A worker process shifts the batches in job order while the caller predicts on earlier ones.
+    At most prefetch finished batches wait in a bounded queue. Batch rows equal
     ``shift_images(images, name, severity, seed)[start:start + len(batch)]``.
 
     All jobs are validated before the worker starts. The worker stops when the iterator is

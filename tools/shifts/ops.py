@@ -1,9 +1,9 @@
 """Image shifts that albumentations 2.0.8 lacks or cannot hold at a fixed severity.
 
 Every function takes a uint8 image of shape (H, W, C) with C = 1 or 3 and returns a new uint8
-image of the same shape. Random draws come from the generator passed in, and each function draws
-the same sequence whatever its severity, so a higher severity strengthens the same artefact
-(more of the same hairs, the same stain direction) instead of drawing a new one.
+image of the same shape. Random draws come from the generator passed in. Each function draws the
+same sequence at every severity, so a higher severity strengthens the same artefact (more of the
+same hairs, the same stain direction) instead of drawing a new one.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ def white_balance(image: np.ndarray, rng: np.random.Generator, strength: float) 
 def stain_variation(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """Change the amount of each stain in haematoxylin-eosin-DAB (HED) optical density space.
 
-    Each stain channel c becomes c * (1 + a_c) + b_c with |a_c| = strength and
-    |b_c| = strength / 20 optical density units, signs drawn per image: the colour deconvolution
-    of Ruifrok and Johnston as implemented by scikit-image's rgb2hed and hed2rgb.
+    Each stain channel c becomes c * (1 + a_c) + b_c, with |a_c| = strength and
+    |b_c| = strength / 20 optical density units and their signs drawn per image. The HED space
+    is scikit-image's rgb2hed and hed2rgb (colour deconvolution of Ruifrok and Johnston, 2001).
     """
     from skimage.color import hed2rgb, rgb2hed
 
@@ -196,8 +196,8 @@ def ruler(image: np.ndarray, rng: np.random.Generator, depth: float) -> np.ndarr
 def grid_lines(image: np.ndarray, rng: np.random.Generator, amplitude: float) -> np.ndarray:
     """Multiply by the shadow of an anti-scatter grid: 1 - a * (1 + cos(2 pi x / p)) / 2.
 
-    The period p is 2.5 % of the side, at least 2.2 px, so at small sizes it aliases into the
-    moire bands that a stationary grid leaves on a downsampled radiograph.
+    The period p is 2.5 % of the side and at least 2.2 px, so at 64 px the lines are about two
+    pixels apart, as fine as the image allows.
     """
     height, width = image.shape[:2]
     vertical = rng.random() < 0.5

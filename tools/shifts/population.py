@@ -13,9 +13,9 @@ from tools.shifts.base import ShiftError
 # An upper edge of float("inf") is allowed and labels its band "75+".
 AGE_BANDS = [0, 30, 45, 60, 75, 200]
 
-# Name of the group that holds rows whose value is missing (NaN, None or an empty string).
+# Name of the group of rows whose value is missing (NaN, None or an empty string).
 MISSING = "missing"
-# Name of the group that holds numeric values outside the outermost band edges.
+# Name of the group of numeric values outside the outermost band edges.
 OUT_OF_RANGE = "out of range"
 
 
@@ -93,7 +93,7 @@ def subgroup_masks(metadata: pd.DataFrame, column: str,
                    bands: list[float] | None = None) -> dict[str, np.ndarray]:
     """Split the rows of metadata into subgroups along one column.
 
-    Without bands each distinct value is a subgroup (sorted by name); with bands, a numeric
+    Without bands, each distinct value is a subgroup, sorted by name. With bands, a numeric
     column is cut into half-open bands [lo, hi) named like "45-59", in band order. Rows with a
     missing value form the subgroup "missing", present only when such rows exist.
 
@@ -159,12 +159,12 @@ def prevalence_indices(labels: np.ndarray, class_mix: dict[int, float], seed: in
     shares = shares / shares.sum()
 
     available = np.array([int(np.sum(labels == c)) for c in classes])
-    wanted = shares > 0
-    empty = classes[wanted & (available == 0)]
+    requested = shares > 0
+    empty = classes[requested & (available == 0)]
     if len(empty):
         raise ShiftError(f"class_mix asks for class {int(empty[0])}, which has no rows in labels")
 
-    largest = int(np.floor(np.min(available[wanted] / shares[wanted]) + 1e-9))
+    largest = int(np.floor(np.min(available[requested] / shares[requested]) + 1e-9))
     total = largest if n is None else int(n)
     if total < 1:
         raise ShiftError(f"n must be a positive integer, got {n!r}")

@@ -1,7 +1,7 @@
 """Domain presets: which shifts matter for a clinical domain, at which severities, and why.
 
-Planners read these tables to propose shifts; each entry says in one plain sentence where the
-shift happens in deployment, so the plan can give that sentence as its reason.
+Planners read these tables to propose shifts. Each entry gives one plain sentence on where the
+shift happens in deployment, which the plan can quote as its reason.
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ DOMAIN_PRESETS: dict[str, DomainPreset] = {
 def find_domain_preset(text: str | None) -> DomainPreset | None:
     """Find the preset whose domain or an alias starts a word of text (case-insensitive).
 
-    Returns None when nothing matches. When aliases of several presets match, the longest alias
-    wins ("blood cell" over "cell"-like shorter words elsewhere).
+    Returns None when nothing matches. When aliases of several presets match, the longest
+    matching alias decides.
     """
     if not text:
         return None

@@ -18,7 +18,7 @@ SHIFTS: dict[str, ShiftInfo] = {name: recipe.info for name, recipe in RECIPES.it
 def validate_shift(name: str, severity: int, greyscale: bool = False) -> None:
     """Raise ShiftError unless name is a known shift, severity is in 1..5 and the pair fits.
 
-    greyscale says that the source images are grey-scale, which rules out colour shifts even
+    greyscale=True marks the source images as grey-scale. Colour shifts are then rejected, even
     when the model sees three channels.
     """
     if name not in SHIFTS:

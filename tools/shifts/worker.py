@@ -61,5 +61,5 @@ def produce(memory_name: str, shape: tuple[int, ...], jobs: list[tuple[str, int]
         if memory is not None:
             memory.close()
         if stop.is_set():
-            # Nobody reads the rest, so exit without flushing the queue's buffer into the pipe.
+            # The consumer has stopped reading, so exit without flushing the queue's buffer into the pipe.
             queue.cancel_join_thread()
