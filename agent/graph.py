@@ -124,9 +124,12 @@ def report(state: AuditState, config: RunnableConfig | None = None) -> dict[str,
             from tools.report.data import aggregate_summary
 
             narrative = planner.narrate(aggregate_summary(store, state["audit_id"]))
+        if narrative is not None:
+            store.save_artifact(state["audit_id"], "narrative", narrative)
+        # Finished before rendering, so the report states the audit's final status.
+        store.update_audit(state["audit_id"], status="finished")
         paths = write_audit_report(store, state["audit_id"], out_dir, narrative=narrative,
                                    include_images=spec.report.include_images)
-        store.update_audit(state["audit_id"], status="finished")
     return {"report_paths": {k: str(v) for k, v in paths.items()}, "narrative": narrative,
             "log": _log(state, f"report written to {out_dir}")}
 

@@ -121,6 +121,11 @@ def build_report_data(store: Store, audit_id: str, narrative: str | None = None,
                             "data_hash": meta.get("data_hash"),
                             "timings": meta.get("timings")},
     }
+    # The audited test set may be a sample of the test split (audit.max_images).
+    clean = next((c for c in conditions if c.key == "clean"), None)
+    if clean is not None:
+        data["data"]["n_test_split"] = data["data"]["n_test"]
+        data["data"]["n_test"] = clean.n
     for name in ("calibration", "referral", "mitigation"):
         value = store.artifact(audit_id, name)
         if value is not None:
