@@ -352,8 +352,15 @@ def report(
         with Store(store_path(store)) as db:
             audit = db.audit(audit_id)
             include = (audit["spec"] or {}).get("report", {}).get("include_images", True)
-            paths = write_audit_report(db, audit_id, out or Path("audits") / audit_id,
-                                       include_images=include)
+            if audit["kind"] != "llm":
+                paths = write_audit_report(db, audit_id, out or Path("audits") / audit_id,
+                                           include_images=include)
+        if audit["kind"] == "llm":
+            from agent.llm_audit import load_llm_report
+            from agent.llm_report import write_llm_report
+
+            paths = write_llm_report(load_llm_report(store_path(store), audit_id),
+                                     out or Path("audits") / audit_id)
         if pdf:
             from tools.report.pdf import html_to_pdf
 
