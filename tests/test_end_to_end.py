@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from agent.cli import app
+from tools.compare import compare_audits
 from tools.store import Store
 
 HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -193,3 +194,54 @@ def test_demo_without_data_explains_how_to_point_at_it(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["demo", "--data", str(tmp_path / "nowhere")])
     assert result.exit_code == 2
     assert "ham10000_subset" in result.output
+
+
+def test_compare_review_and_delete_on_two_audits(audited, ham_dir, small_ham_manifest,
+                                                 tiny_model):
+    folder = audited["folder"] / "second"
+    folder.mkdir()
+    plan = {**REDUCED_PLAN, "shifts": [{"name": "gaussian_noise", "severities": [5]}],
+            "subgroups": [], "site_column": None}
+    spec = write_spec(folder, ham_dir, small_ham_manifest, tiny_model, plan=plan,
+                      audit={"bootstrap": 100, "seed": 1})
+    runner = CliRunner()
+    assert runner.invoke(app, ["run", str(spec), "--store", str(audited["store"]),
+                               "--out", str(folder / "out")]).exit_code == 0
+    with Store(audited["store"]) as db:
+        second = db.list_audits()[-1]["id"]
+        first_clean = {r["metric"]: r["value"] for r in db.results(audited["audit_id"])
+                       if r["condition"] == "clean" and r["class"] is None}
+
+    compared = runner.invoke(app, ["compare", audited["audit_id"], second,
+                                   "--store", str(audited["store"])])
+    assert compared.exit_code == 0, compared.output
+    assert second in compared.output
+    with Store(audited["store"]) as db:
+        rows = compare_audits(db, audited["audit_id"], second, n_boot=100)
+    # Same model, same images: the clean predictions are identical, so nothing changed.
+    clean = next(r for r in rows if r["condition"] == "clean"
+                 and r["metric"] == "balanced_accuracy")
+    assert clean["paired"]
+    assert clean["a"] == pytest.approx(first_clean["balanced_accuracy"])
+    assert clean["delta"] == 0
+    assert clean["verdict"] == "no clear change"
+    assert {r["condition"] for r in rows} == {"clean", "shift:gaussian_noise:5"}
+
+    reviewed = runner.invoke(app, ["review", second, "--reviewer", "Dr Ada Lovelace",
+                                   "--verdict", "changes", "--comment", "check noise",
+                                   "--store", str(audited["store"])])
+    assert reviewed.exit_code == 0, reviewed.output
+    rendered = runner.invoke(app, ["report", second, "--store", str(audited["store"]),
+                                   "--out", str(folder / "again")])
+    assert rendered.exit_code == 0, rendered.output
+    assert "Dr Ada Lovelace" in (folder / "again" / "report.html").read_text()
+
+    bad_verdict = runner.invoke(app, ["review", second, "--reviewer", "X", "--verdict", "ok",
+                                      "--store", str(audited["store"])])
+    assert bad_verdict.exit_code == 2
+
+    deleted = runner.invoke(app, ["delete", second, "--yes", "--store", str(audited["store"])])
+    assert deleted.exit_code == 0
+    with Store(audited["store"]) as db:
+        assert second not in {a["id"] for a in db.list_audits()}
+        assert db.results(audited["audit_id"])
