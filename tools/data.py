@@ -461,8 +461,8 @@ def stratified_group_split(
 
     Whole groups (patients, lesions) go to one split, so a group never crosses splits. A group
     is stratified by its most frequent label. Within each class the groups are shuffled with
-    `seed` and filled into test, then calibration, until each contains its fraction of the class's
-    images; the rest is train. A class with at least one group gets one in test, with two or
+    `seed`. They fill test until it contains its fraction of the class's images, then
+    calibration in the same way, and the rest go to train. A class with at least one group gets one in test, with two or
     more one in train, and with three or more one in calibration (when `calibration` > 0).
     The same inputs always give the same split.
     """

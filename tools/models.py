@@ -23,7 +23,7 @@ import numpy as np
 
 from tools.spec import ModelSpec
 
-# With OpenMP's default active waiting, torch's threads spin while another process holds the
+# With OpenMP's default active waiting, torch's threads spin while another process uses the
 # cores, and a training step on a busy 2-core machine measured 40x slower. This only takes
 # effect when it runs before the first `import torch` in the process.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -380,8 +380,8 @@ def train_classifier(
     `time_limit_s` the schedule advances by whichever is further along, steps or time, and
     training stops when the time is up, so a shortened run still ends at a low rate.
     `class_weights="balanced"` weights the loss by `balanced_class_weights`.
-    Random horizontal and vertical flips are on by default; `augment(batch, rng)` runs after
-    them on each uint8 batch and must return a uint8 batch of the same shape. The returned
+    Random horizontal and vertical flips are on by default. `augment(batch, rng)` then runs on
+    each uint8 batch and must return a uint8 batch of the same shape. The returned
     module is in eval mode and carries a `clinaudit_card` dict that `save_checkpoint` writes.
     """
     import torch
