@@ -356,3 +356,17 @@ def test_augment_returning_floats_is_rejected() -> None:
             ARCH, random_images(8, 24), np.arange(8) % 2, ["a", "b"], input_size=24, epochs=1,
             batch_size=4, augment=to_float,
         )
+
+
+def test_model_card_supplies_architecture(tmp_path: Path) -> None:
+    model = train_classifier(
+        "resnet10t", random_images(8, 32), np.arange(8) % 2, ["a", "b"], input_size=32, epochs=1, batch_size=4
+    )
+    path = tmp_path / "resnet.pt"
+    save_checkpoint(model, path, {})
+
+    loaded = load_classifier(ModelSpec(checkpoint=path), device="cpu")
+
+    assert loaded.card["arch"] == "resnet10t"
+    assert type(loaded.module).__name__ == "ResNet"
+    assert loaded.classes == ["a", "b"]
