@@ -245,3 +245,45 @@ def test_compare_review_and_delete_on_two_audits(audited, ham_dir, small_ham_man
     with Store(audited["store"]) as db:
         assert second not in {a["id"] for a in db.list_audits()}
         assert db.results(audited["audit_id"])
+
+
+def test_retrain_policy_and_recovery_follow_their_definitions(audited):
+    from tools.metrics import REGISTRY
+    from tools.retrain import (AugmentRetrainInput, augment_and_retrain, policy_from_audit,
+                               recovery_table)
+
+    with Store(audited["store"]) as db:
+        drops = {}
+        for row in db.differences(audited["audit_id"]):
+            if row["metric"] == "balanced_accuracy" and row["condition"].startswith("shift:"):
+                name = row["condition"].split(":")[1]
+                drops[name] = max(drops.get(name, -1.0), -row["delta"])
+        policy = policy_from_audit(db, audited["audit_id"], min_drop=0.0)
+    assert REGISTRY["balanced_accuracy"].higher_is_better
+    expected = sorted((n for n, d in drops.items() if d >= 0.0), key=lambda n: -drops[n])
+    assert [step.shift for step in policy.steps] == expected
+    for step in policy.steps:
+        assert step.probability == pytest.approx(min(0.5, 0.15 + drops[step.shift]), abs=1e-3)
+    if not policy.steps:
+        pytest.skip("the tiny model lost nothing under the reduced plan's shifts")
+
+    result = augment_and_retrain(AugmentRetrainInput(
+        audit_id=audited["audit_id"], store=audited["store"], out_dir=audited["folder"] / "mit",
+        epochs=1, min_drop=0.0))
+    assert result.checkpoint.is_file()
+    with Store(audited["store"]) as db:
+        rows, overall, clean_before, _ = recovery_table(db, audited["audit_id"],
+                                                        result.new_audit_id, "balanced_accuracy")
+        stored = db.artifact(result.new_audit_id, "mitigation")
+    assert stored["new_audit_id"] == result.new_audit_id
+    gained = lost = 0.0
+    for row in rows:
+        if row.recovered_fraction is None:
+            assert row.note == "nothing to recover"
+            continue
+        assert row.recovered_fraction == pytest.approx(
+            (row.after - row.before) / (clean_before - row.before))
+        gained += row.after - row.before
+        lost += clean_before - row.before
+    if lost:
+        assert overall == pytest.approx(gained / lost)
