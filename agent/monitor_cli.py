@@ -62,6 +62,8 @@ def monitor(
                                "describe it for the nearest-condition match."),
     score: str = typer.Option("max_confidence", help="ATC score: max_confidence or "
                               "negative_entropy."),
+    recalibration: str = typer.Option("vector", help="Recalibration fitted on the calibration "
+                                      "split before estimating: vector or temperature."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default: the audit's]."),
     batch_size: Optional[int] = typer.Option(None, help="Images per forward pass "
                                              "[default: the audit's]."),
@@ -77,9 +79,13 @@ def monitor(
         monitor_history,
         plot_trend,
     )
-    from tools.store import Store
+    from tools.store import Store, StoreError
 
     with bad_input_exits(), _monitor_errors():
+        if not store_path(store).is_file():
+            # Opening a missing store would create an empty one, with no audit to compare with.
+            raise StoreError(f"store not found: {store_path(store)}; pass --store or set "
+                             "CLINAUDIT_STORE")
         with Store(store_path(store)) as db:
             db.require_audit(audit)
             raw_spec = db.audit(audit)["spec"] or {}
@@ -103,7 +109,7 @@ def monitor(
                 record = monitor_batch(
                     db, audit, batch, reference, classifier, thresholds=thresholds,
                     n_boot=spec.audit.bootstrap if bootstrap is None else bootstrap,
-                    score=score, batch_size=rows, progress=bars)
+                    score=score, recalibration=recalibration, batch_size=rows, progress=bars)
             history = monitor_history(db, audit)
 
         folder = out or Path("audits") / audit / "monitor"

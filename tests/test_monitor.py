@@ -151,12 +151,12 @@ def calibrated_setup(prior: np.ndarray, n: int, seed: int):
 def test_estimators_match_true_accuracy_without_shift():
     cal_probs, cal_labels = calibrated_setup(SOURCE_PRIOR, 5000, 3)
     batch_probs, batch_labels = calibrated_setup(SOURCE_PRIOR, 5000, 4)
-    estimator = fit_estimator(cal_probs, cal_labels)
+    estimator = fit_estimator(cal_probs, cal_labels, recalibration="temperature")
     estimates = estimator.point_estimates(batch_probs)
     predicted = batch_probs.argmax(axis=1)
     true_accuracy = np.mean(predicted == batch_labels)
     recalls = [np.mean(predicted[batch_labels == k] == k) for k in range(3)]
-    assert estimator.temperature == pytest.approx(1.0, abs=0.1)
+    assert estimator.scaler.temperature == pytest.approx(1.0, abs=0.1)
     assert estimates["accuracy_atc"] == pytest.approx(true_accuracy, abs=0.03)
     assert estimates["accuracy_confidence"] == pytest.approx(true_accuracy, abs=0.03)
     assert estimates["balanced_accuracy_atc"] == pytest.approx(np.mean(recalls), abs=0.05)
@@ -167,9 +167,24 @@ def test_fit_estimator_recovers_overconfidence():
     cal_probs, cal_labels = calibrated_setup(SOURCE_PRIOR, 5000, 5)
     sharpened = cal_probs ** 3
     sharpened /= sharpened.sum(axis=1, keepdims=True)
-    estimator = fit_estimator(sharpened, cal_labels)
+    estimator = fit_estimator(sharpened, cal_labels, recalibration="temperature")
     # p^3 renormalised is softmax(3 log p), so temperature 3 undoes it
-    assert estimator.temperature == pytest.approx(3.0, rel=0.1)
+    assert estimator.scaler.temperature == pytest.approx(3.0, rel=0.1)
+
+
+def test_vector_recalibration_removes_prior_bias():
+    # Posteriors computed under a wrong prior are off by a per-class bias in log space, which
+    # vector scaling can undo and a single temperature cannot.
+    rng = np.random.default_rng(8)
+    x, y = sample_classes(SOURCE_PRIOR, 5000, rng)
+    biased = bayes_posteriors(x, np.array([1 / 3, 1 / 3, 1 / 3]))
+    truth = bayes_posteriors(x, SOURCE_PRIOR)
+    vector = fit_estimator(biased, y, recalibration="vector").recalibrate(biased)
+    temperature = fit_estimator(biased, y, recalibration="temperature").recalibrate(biased)
+    assert np.abs(vector - truth).mean() < 0.01
+    assert np.abs(temperature - truth).mean() > 2 * np.abs(vector - truth).mean()
+    with pytest.raises(MonitorError, match="recalibration"):
+        fit_estimator(biased, y, recalibration="isotonic")
 
 
 def test_estimate_batch_intervals_contain_point():
@@ -459,8 +474,8 @@ def test_monitor_manifest_batch_matches_folder(tiny_audit, ham_dir):
     assert record["nearest"]["condition"] == "clean"
 
 
-@pytest.mark.parametrize("case", ["unknown_audit", "empty_folder", "unreadable_image",
-                                  "empty_manifest", "missing_batch"])
+@pytest.mark.parametrize("case", ["unknown_audit", "missing_store", "empty_folder",
+                                  "unreadable_image", "empty_manifest", "missing_batch"])
 def test_monitor_bad_input_exits_2(tiny_audit, case):
     from typer.testing import CliRunner
 
@@ -470,6 +485,9 @@ def test_monitor_bad_input_exits_2(tiny_audit, case):
     data = bad
     if case == "unknown_audit":
         audit_id = "no-such-audit"
+        (bad / "x.png").write_bytes(b"")
+    elif case == "missing_store":
+        store = bad / "missing.duckdb"
         (bad / "x.png").write_bytes(b"")
     elif case == "unreadable_image":
         (bad / "broken.jpg").write_bytes(b"not a jpeg")
@@ -484,7 +502,10 @@ def test_monitor_bad_input_exits_2(tiny_audit, case):
     # rich wraps the one-line message at the test terminal's width
     assert result.output.count("error:") == 1, result.output
     message = "".join(result.output.splitlines())
-    expected = {"unknown_audit": "no-such-audit", "empty_folder": "empty",
+    expected = {"unknown_audit": "no-such-audit", "missing_store": "missing.duckdb",
+                "empty_folder": "empty",
                 "unreadable_image": "broken.jpg", "empty_manifest": "empty",
                 "missing_batch": "nowhere"}[case]
     assert expected in message
+    if case == "missing_store":
+        assert not store.exists()

@@ -417,7 +417,7 @@ def bbse_prevalence(calibration_probs: np.ndarray, calibration_labels: np.ndarra
 
 
 def em_prevalence(batch_probs: np.ndarray, source_prior: np.ndarray, max_iter: int = 1000,
-                  tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+                  tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Estimate the batch's class prevalence by EM prior adjustment.
 
     Saerens, Latinne and Decaestecker (Neural Computation 14, 2002): starting from the source
@@ -487,9 +487,9 @@ def atc_threshold(scores: np.ndarray, correct: np.ndarray) -> float:
 
 @dataclass
 class LabelFreeEstimator:
-    """Temperature, ATC threshold and source prior learned from the calibration split."""
+    """Recalibration map, ATC threshold and source prior learned from the calibration split."""
 
-    temperature: float
+    scaler: Any  # a fitted tools.calibration scaler
     threshold: float
     score: str
     source_prior: np.ndarray  # (K,) class shares of the calibration split
@@ -497,21 +497,22 @@ class LabelFreeEstimator:
     calibration_labels: np.ndarray  # (n,)
 
     def recalibrate(self, probs: np.ndarray) -> np.ndarray:
-        """Apply the fitted temperature to probabilities (their logs serve as logits)."""
-        logits = np.log(np.clip(_check_probs(probs, "probs"), 1e-300, None)) / self.temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        scaled = np.exp(logits)
-        return scaled / scaled.sum(axis=1, keepdims=True)
+        """Apply the fitted scaler to probabilities, with their logs serving as logits."""
+        logits = np.log(np.clip(_check_probs(probs, "probs"), 1e-300, None))
+        return np.exp(self.scaler.log_proba(logits))
 
     def point_estimates(self, batch_probs: np.ndarray) -> dict[str, float]:
         """Estimate accuracy and balanced accuracy of one batch; see `fit_estimator`."""
         probs = self.recalibrate(batch_probs)
+        return self.estimates_from(probs, em_prevalence(probs, self.source_prior)[0])
+
+    def estimates_from(self, probs: np.ndarray, prevalence: np.ndarray) -> dict[str, float]:
+        """Estimate from recalibrated probabilities and the batch's EM prevalence estimate."""
         n, k = probs.shape
         predicted = probs.argmax(axis=1)
         above = confidence_scores(probs, self.score) > self.threshold
         confidence = probs.max(axis=1)
 
-        prevalence, _ = em_prevalence(probs, self.source_prior)
         expected_counts = prevalence * n
         atc_correct = np.bincount(predicted, weights=above.astype(float), minlength=k)
         confidence_correct = np.bincount(predicted, weights=confidence, minlength=k)
@@ -533,12 +534,15 @@ class LabelFreeEstimator:
 
 
 def fit_estimator(calibration_probs: np.ndarray, calibration_labels: np.ndarray,
-                  score: str = "max_confidence") -> LabelFreeEstimator:
+                  score: str = "max_confidence",
+                  recalibration: str = "vector") -> LabelFreeEstimator:
     """Fit the label-free estimators on the labelled calibration split.
 
-    A temperature is fitted by NLL (`tools.calibration.TemperatureScaler`, with log
-    probabilities as logits); the ATC threshold is learned on the recalibrated scores. On a
-    batch the estimators are then:
+    A recalibration map is fitted by NLL with log probabilities as logits: "vector" scaling
+    (a scale and a bias per class, `tools.calibration.VectorScaler`) by default, because its
+    biases also correct a model whose class priors are off (class-weighted training), which a
+    single temperature ("temperature") cannot. The ATC threshold is learned on the
+    recalibrated scores. On a batch the estimators are then:
 
     - accuracy, ATC: the share of batch scores above the threshold;
     - accuracy, confidence: the mean recalibrated top-class probability;
@@ -547,7 +551,7 @@ def fit_estimator(calibration_probs: np.ndarray, calibration_labels: np.ndarray,
       threshold (ATC) or sums their recalibrated confidence; the denominator is n times the EM
       prevalence estimate.
     """
-    from tools.calibration import TemperatureScaler
+    from tools.calibration import CalibrationError, make_scaler
 
     probs = _check_probs(calibration_probs, "calibration_probs")
     k = probs.shape[1]
@@ -556,9 +560,12 @@ def fit_estimator(calibration_probs: np.ndarray, calibration_labels: np.ndarray,
         raise MonitorError("the calibration split contains a single class; the label-free "
                            "estimators need labelled images of at least two classes")
 
-    logits = np.log(np.clip(probs, 1e-300, None))
-    temperature = float(TemperatureScaler().fit(logits, labels).temperature)
-    estimator = LabelFreeEstimator(temperature, 0.0, score, np.bincount(labels, minlength=k) / len(labels),
+    try:
+        scaler = make_scaler(recalibration)
+    except CalibrationError as error:
+        raise MonitorError(f"recalibration {recalibration!r} is invalid ({error})") from None
+    scaler.fit(np.log(np.clip(probs, 1e-300, None)), labels)
+    estimator = LabelFreeEstimator(scaler, 0.0, score, np.bincount(labels, minlength=k) / len(labels),
                                    probs, labels)
     recalibrated = estimator.recalibrate(probs)
     correct = recalibrated.argmax(axis=1) == labels
@@ -579,8 +586,8 @@ def estimate_batch(estimator: LabelFreeEstimator, batch_probs: np.ndarray, n_boo
                    seed: int = 0) -> dict[str, Any]:
     """Estimate performance and prevalence of a batch, with 95 % percentile bootstrap intervals.
 
-    The bootstrap resamples the batch's images. The calibration split, the temperature and the
-    ATC threshold stay fixed, so the intervals leave out the calibration split's own sampling
+    The bootstrap resamples the batch's images. The calibration split, the recalibration map and
+    the ATC threshold stay fixed, so the intervals leave out the calibration split's own sampling
     error.
     """
     batch_probs = _check_probs(batch_probs, "batch_probs", len(estimator.source_prior))
@@ -588,22 +595,25 @@ def estimate_batch(estimator: LabelFreeEstimator, batch_probs: np.ndarray, n_boo
         raise MonitorError(f"n_boot must be 0 or more, got {n_boot}")
     recalibrated = estimator.recalibrate(batch_probs)
 
-    def prevalences(probs: np.ndarray, recalibrated_rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {"bbse": bbse_prevalence(estimator.calibration_probs, estimator.calibration_labels, probs),
-                "em": em_prevalence(recalibrated_rows, estimator.source_prior)[0]}
+    def estimates(rows: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        prevalence = {
+            "bbse": bbse_prevalence(estimator.calibration_probs, estimator.calibration_labels,
+                                    batch_probs[rows]),
+            "em": em_prevalence(recalibrated[rows], estimator.source_prior)[0],
+        }
+        return estimator.estimates_from(recalibrated[rows], prevalence["em"]), prevalence
 
-    point = estimator.point_estimates(batch_probs)
-    point_prevalence = prevalences(batch_probs, recalibrated)
+    n = len(batch_probs)
+    point, point_prevalence = estimates(np.arange(n))
 
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {name: [] for name in point}
     prevalence_draws: dict[str, list[np.ndarray]] = {name: [] for name in point_prevalence}
-    n = len(batch_probs)
     for _ in range(n_boot):
-        rows = rng.integers(0, n, n)
-        for name, value in estimator.point_estimates(batch_probs[rows]).items():
+        performance_draw, prevalence_draw = estimates(rng.integers(0, n, n))
+        for name, value in performance_draw.items():
             draws[name].append(value)
-        for name, value in prevalences(batch_probs[rows], recalibrated[rows]).items():
+        for name, value in prevalence_draw.items():
             prevalence_draws[name].append(value)
 
     performance = {}
@@ -619,7 +629,7 @@ def estimate_batch(estimator: LabelFreeEstimator, batch_probs: np.ndarray, n_boo
             entry["high"] = np.percentile(stacked, 97.5, axis=0).tolist()
         prevalence[name] = entry
     return {"performance": performance, "prevalence": prevalence,
-            "temperature": estimator.temperature, "atc_threshold": estimator.threshold,
+            "recalibration": estimator.scaler.to_dict(), "atc_threshold": estimator.threshold,
             "atc_score": estimator.score, "n_boot": n_boot}
 
 
@@ -868,7 +878,8 @@ def _condition_statistics(store, audit_id: str, conditions, test, classifier,
 
 def monitor_batch(store, audit_id: str, batch: Batch, reference: AuditReference, classifier, *,
                   thresholds: MonitorThresholds | None = None, n_boot: int = 1000,
-                  score: str = "max_confidence", batch_size: int = 256,
+                  score: str = "max_confidence", recalibration: str = "vector",
+                  batch_size: int = 256,
                   progress: Progress | None = None, save: bool = True) -> dict[str, Any]:
     """Compare one unlabelled batch with the audit, store the record and return it.
 
@@ -886,7 +897,8 @@ def monitor_batch(store, audit_id: str, batch: Batch, reference: AuditReference,
                                      progress=lambda d, t: report("Predicting batch", d, t))
     batch_stats = image_statistics(batch.images, batch.original_sizes)
 
-    estimator = fit_estimator(reference.calibration_probs, reference.calibration_labels, score)
+    estimator = fit_estimator(reference.calibration_probs, reference.calibration_labels, score,
+                              recalibration)
     estimates = estimate_batch(estimator, probs, n_boot=n_boot, seed=reference.seed)
 
     profiles = {key: {**stats, "confidence": reference.confidences[key]}
@@ -905,7 +917,7 @@ def monitor_batch(store, audit_id: str, batch: Batch, reference: AuditReference,
         "output_drift": output_drift(reference.clean_probs, probs, reference.classes),
         "prevalence": estimates["prevalence"],
         "performance": estimates["performance"],
-        "estimator": {key: estimates[key] for key in ("temperature", "atc_threshold", "atc_score",
+        "estimator": {key: estimates[key] for key in ("recalibration", "atc_threshold", "atc_score",
                                                       "n_boot")},
         "audited_clean": _audited_clean(store, audit_id),
         "nearest": nearest,
