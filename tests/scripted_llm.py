@@ -74,7 +74,7 @@ class ScriptedLLM:
         scripted = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's method name)
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 request = json.loads(self.rfile.read(length))
                 reply = scripted._next_reply(request)
