@@ -205,7 +205,8 @@ def chat(
     llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="OpenAI-compatible "
                                                "endpoint [default: $OPENAI_BASE_URL]."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Audit id of an interrupted "
-                                         "chat to continue."),
+                                         "chat to continue (with the same --store, and "
+                                         "--llm-model to keep the LLM planner)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (overrides the spec)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per forward pass."),
     bootstrap: Optional[int] = typer.Option(None, help="Bootstrap replicates per interval."),
