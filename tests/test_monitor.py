@@ -187,6 +187,23 @@ def test_vector_recalibration_removes_prior_bias():
         fit_estimator(biased, y, recalibration="isotonic")
 
 
+def test_estimates_score_model_predictions_not_recalibrated_ones():
+    # Vector scaling moves the top class of a prior-biased model; the estimates must still be
+    # about the model's own argmax predictions.
+    uniform = np.array([1 / 3, 1 / 3, 1 / 3])
+    rng = np.random.default_rng(9)
+    cal_x, cal_y = sample_classes(SOURCE_PRIOR, 5000, rng)
+    batch_x, batch_y = sample_classes(SOURCE_PRIOR, 5000, rng)
+    estimator = fit_estimator(bayes_posteriors(cal_x, uniform), cal_y, recalibration="vector")
+    batch = bayes_posteriors(batch_x, uniform)
+    true_accuracy = np.mean(batch.argmax(axis=1) == batch_y)
+    moved = np.mean(estimator.recalibrate(batch).argmax(axis=1) != batch.argmax(axis=1))
+    assert moved > 0.02
+    estimates = estimator.point_estimates(batch)
+    assert estimates["accuracy_atc"] == pytest.approx(true_accuracy, abs=0.03)
+    assert estimates["accuracy_confidence"] == pytest.approx(true_accuracy, abs=0.03)
+
+
 def test_estimate_batch_intervals_contain_point():
     cal_probs, cal_labels = calibrated_setup(SOURCE_PRIOR, 2000, 6)
     batch_probs, _ = calibrated_setup(SOURCE_PRIOR, 300, 7)

@@ -454,11 +454,18 @@ def em_prevalence(batch_probs: np.ndarray, source_prior: np.ndarray, max_iter: i
 # Accuracy without labels
 
 
-def confidence_scores(probs: np.ndarray, score: str = "max_confidence") -> np.ndarray:
-    """Return one score per row: "max_confidence" (top-class probability) or "negative_entropy"."""
+def confidence_scores(probs: np.ndarray, score: str = "max_confidence",
+                      predicted: np.ndarray | None = None) -> np.ndarray:
+    """Return one score per row: "max_confidence" or "negative_entropy".
+
+    "max_confidence" is the probability of the `predicted` class, the top class when None. A
+    recalibration map may move the top class, so the model's own prediction is passed here.
+    """
     probs = _check_probs(probs, "probs")
     if score == "max_confidence":
-        return probs.max(axis=1)
+        if predicted is None:
+            return probs.max(axis=1)
+        return probs[np.arange(len(probs)), predicted]
     if score == "negative_entropy":
         logs = np.log(np.clip(probs, 1e-300, None))
         return (probs * logs).sum(axis=1)
@@ -502,16 +509,18 @@ class LabelFreeEstimator:
         return np.exp(self.scaler.log_proba(logits))
 
     def point_estimates(self, batch_probs: np.ndarray) -> dict[str, float]:
-        """Estimate accuracy and balanced accuracy of one batch; see `fit_estimator`."""
+        """Estimate the model's accuracy and balanced accuracy on one batch; see `fit_estimator`."""
         probs = self.recalibrate(batch_probs)
-        return self.estimates_from(probs, em_prevalence(probs, self.source_prior)[0])
+        return self.estimates_from(probs, batch_probs.argmax(axis=1),
+                                   em_prevalence(probs, self.source_prior)[0])
 
-    def estimates_from(self, probs: np.ndarray, prevalence: np.ndarray) -> dict[str, float]:
-        """Estimate from recalibrated probabilities and the batch's EM prevalence estimate."""
+    def estimates_from(self, probs: np.ndarray, predicted: np.ndarray,
+                       prevalence: np.ndarray) -> dict[str, float]:
+        """Estimate from recalibrated probabilities, the model's predicted classes (argmax
+        before recalibration) and the batch's EM prevalence estimate."""
         n, k = probs.shape
-        predicted = probs.argmax(axis=1)
-        above = confidence_scores(probs, self.score) > self.threshold
-        confidence = probs.max(axis=1)
+        above = confidence_scores(probs, self.score, predicted) > self.threshold
+        confidence = probs[np.arange(n), predicted]
 
         expected_counts = prevalence * n
         atc_correct = np.bincount(predicted, weights=above.astype(float), minlength=k)
@@ -538,14 +547,14 @@ def fit_estimator(calibration_probs: np.ndarray, calibration_labels: np.ndarray,
                   recalibration: str = "vector") -> LabelFreeEstimator:
     """Fit the label-free estimators on the labelled calibration split.
 
-    A recalibration map is fitted by NLL with log probabilities as logits: "vector" scaling
-    (a scale and a bias per class, `tools.calibration.VectorScaler`) by default, because its
-    biases also correct a model whose class priors are off (class-weighted training), which a
-    single temperature ("temperature") cannot. The ATC threshold is learned on the
+    A recalibration map is fitted by NLL with log probabilities as logits. The default is
+    "vector" scaling (a scale and a bias per class, `tools.calibration.VectorScaler`), because
+    its biases also correct a model whose class priors are off after class-weighted training.
+    A single temperature ("temperature") cannot do that. The ATC threshold is learned on the
     recalibrated scores. On a batch the estimators are then:
 
     - accuracy, ATC: the share of batch scores above the threshold;
-    - accuracy, confidence: the mean recalibrated top-class probability;
+    - accuracy, confidence: the mean recalibrated probability of the model's predicted class;
     - balanced accuracy: the mean over classes of (estimated correct predictions of class k) /
       (estimated images of class k). The numerator counts predictions of class k above the
       threshold (ATC) or sums their recalibrated confidence; the denominator is n times the EM
@@ -567,9 +576,10 @@ def fit_estimator(calibration_probs: np.ndarray, calibration_labels: np.ndarray,
     scaler.fit(np.log(np.clip(probs, 1e-300, None)), labels)
     estimator = LabelFreeEstimator(scaler, 0.0, score, np.bincount(labels, minlength=k) / len(labels),
                                    probs, labels)
-    recalibrated = estimator.recalibrate(probs)
-    correct = recalibrated.argmax(axis=1) == labels
-    estimator.threshold = atc_threshold(confidence_scores(recalibrated, score), correct)
+    # Accuracy is that of the model's own predictions, which recalibration must not change.
+    predicted = probs.argmax(axis=1)
+    scores = confidence_scores(estimator.recalibrate(probs), score, predicted)
+    estimator.threshold = atc_threshold(scores, predicted == labels)
     return estimator
 
 
@@ -594,6 +604,7 @@ def estimate_batch(estimator: LabelFreeEstimator, batch_probs: np.ndarray, n_boo
     if n_boot < 0:
         raise MonitorError(f"n_boot must be 0 or more, got {n_boot}")
     recalibrated = estimator.recalibrate(batch_probs)
+    predicted = batch_probs.argmax(axis=1)
 
     def estimates(rows: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         prevalence = {
@@ -601,7 +612,9 @@ def estimate_batch(estimator: LabelFreeEstimator, batch_probs: np.ndarray, n_boo
                                     batch_probs[rows]),
             "em": em_prevalence(recalibrated[rows], estimator.source_prior)[0],
         }
-        return estimator.estimates_from(recalibrated[rows], prevalence["em"]), prevalence
+        performance = estimator.estimates_from(recalibrated[rows], predicted[rows],
+                                               prevalence["em"])
+        return performance, prevalence
 
     n = len(batch_probs)
     point, point_prevalence = estimates(np.arange(n))
@@ -758,10 +771,10 @@ def build_reference(store, audit_id: str, spec, classifier, *, sample: int = 200
 
     cache_name = f"{CACHE_PREFIX}reference"
     cache = store.artifact(audit_id, cache_name)
-    wanted = {"version": CACHE_VERSION, "sample": sample, "seed": seed,
-              "input_size": classifier.input_size}
-    if not cache or {k: cache.get(k) for k in wanted} != wanted:
-        cache = dict(wanted)
+    cache_key = {"version": CACHE_VERSION, "sample": sample, "seed": seed,
+                 "input_size": classifier.input_size}
+    if not cache or {k: cache.get(k) for k in cache_key} != cache_key:
+        cache = dict(cache_key)
     statistics = {key: {name: np.asarray(values, dtype=np.float64) for name, values in stats.items()}
                   for key, stats in cache.get("statistics", {}).items()}
     greyscale = cache.get("greyscale")
