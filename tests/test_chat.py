@@ -81,7 +81,9 @@ def test_chat_rules_planner_in_pseudo_terminal(tmp_path, data_folder, tiny_model
         "import typer\nfrom agent.chat import chat\n"
         "app = typer.Typer()\napp.command('chat')(chat)\n"
         "@app.callback()\ndef main() -> None:\n    pass\n"
-        "app()\n")
+        # The guard keeps the shift worker process, which re-imports this file, from
+        # starting a second chat.
+        "if __name__ == '__main__':\n    app()\n")
 
     env = {**os.environ, "COLUMNS": "160", "CLINAUDIT_LLM_MODEL": "", "TERM": "dumb"}
     child = pexpect.spawn(sys.executable, [str(launcher), *chat_args(data_folder, tiny_model,
