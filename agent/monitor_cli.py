@@ -35,16 +35,16 @@ def monitor(
     data: Path = typer.Option(..., "--data", help="Deployment batch without labels: an image "
                               "folder, or a CSV manifest (metadata columns optional)."),
     store: Optional[Path] = typer.Option(None, "--store", help="DuckDB file of audits "
-                                         "[default: $CLINAUDIT_STORE, else ./clinaudit.duckdb]."),
+                                         "(default: $CLINAUDIT_STORE, else ./clinaudit.duckdb)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the monitoring record "
-                                       "(JSON) and the trend plot [default: "
-                                       "audits/<audit id>/monitor/]."),
+                                       "(JSON) and the trend plot (default: "
+                                       "audits/<audit id>/monitor/)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder of a manifest "
-                                          "batch [default: images/ beside the manifest, else "
-                                          "the manifest's folder]."),
+                                          "batch (default: images/ beside the manifest, else "
+                                          "the manifest's folder)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Manifest column naming "
-                                            "each image file <id>.jpg/.png [default: the "
-                                            "audit spec's data.id_column]."),
+                                            "each image file <id>.jpg/.png (default: the "
+                                            "audit spec's data.id_column)."),
     path_column: Optional[str] = typer.Option(None, "--path-column", help="Manifest column with "
                                               "image paths relative to --images."),
     max_accuracy_drop: Optional[float] = typer.Option(
@@ -57,16 +57,16 @@ def monitor(
         None, help="Alert when a drift test's p-value (adjusted over the image statistics) is "
         "below this."),
     bootstrap: Optional[int] = typer.Option(None, help="Bootstrap replicates per interval "
-                                            "[default: the audit's]."),
+                                            "(default: the audit's)."),
     sample: int = typer.Option(200, help="Clean test images re-shifted per audited shift to "
                                "describe it for the nearest-condition match."),
     score: str = typer.Option("max_confidence", help="ATC score: max_confidence or "
                               "negative_entropy."),
     recalibration: str = typer.Option("vector", help="Recalibration fitted on the calibration "
                                       "split before estimating: vector or temperature."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default: the audit's]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: the audit's)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per forward pass "
-                                             "[default: the audit's]."),
+                                             "(default: the audit's)."),
 ) -> None:
     """Check an unlabelled deployment batch against an audit; exit 1 on an alert."""
     from tools.monitor import (
