@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import typer
 from rich.console import Console
 
+from agent.chat import chat as chat_command
 from agent.cli_llm import audit_llm
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -160,9 +161,14 @@ def run(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (overrides the spec)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (overrides the spec)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan and its cost, then stop."),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Plan with this model on an "
+                                            "OpenAI-compatible endpoint (default: the offline "
+                                            "rules planner)."),
+    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Endpoint URL "
+                                               "(default: $OPENAI_BASE_URL)."),
 ) -> None:
     """Run a scripted audit from a spec; asks nothing. Exit 1 when a gate fails."""
-    from agent.planners.rules import RulesPlanner
+    from agent.planners.llm import planner_from_options
     from tools.spec import load_spec
 
     store_file = store_path(store)
@@ -171,11 +177,13 @@ def run(
         overrides = {k: v for k, v in {"device": device, "batch_size": batch_size}.items() if v}
         if overrides:
             spec.audit = spec.audit.model_copy(update=overrides)
-        planner = RulesPlanner()
+        # Only a model named on the command line switches the LLM on, so scripted audits and
+        # gates stay deterministic by default.
+        planner = planner_from_options(llm_model, llm_base_url, use_env_model=False)
         if plan_only:
             from agent import resources
 
-            info = resources.describe(resources.load(spec))
+            info = resources.describe(resources.load(spec), spec.data.group_column)
             chosen = spec.plan or planner.plan(spec.context, info, n_boot=spec.audit.bootstrap)
             print_plan(chosen)
             return
@@ -500,6 +508,7 @@ def mitigate(
 
 
 app.command("audit-llm")(audit_llm)
+app.command("chat")(chat_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

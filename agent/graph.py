@@ -22,7 +22,11 @@ def _options(config: RunnableConfig | None) -> dict[str, Any]:
 
 
 def _spec(state: AuditState) -> AuditSpec:
-    return spec_from_dict(state["spec"], Path(state.get("spec_base", ".")))
+    """The spec, with the context as the interview completed it."""
+    spec = spec_from_dict(state["spec"], Path(state.get("spec_base", ".")))
+    if state.get("context"):
+        spec.context = Context.model_validate(state["context"])
+    return spec
 
 
 def _log(state: AuditState, line: str) -> list[str]:
@@ -33,7 +37,7 @@ def interview(state: AuditState, config: RunnableConfig | None = None) -> dict[s
     options = _options(config)
     spec = _spec(state)
     loaded = resources.load(spec)
-    info = resources.describe(loaded)
+    info = resources.describe(loaded, spec.data.group_column)
     context = Context.model_validate(state.get("context") or spec.context.model_dump())
     context = options["planner"].interview(context, info, options.get("ask"))
     return {"context": context.model_dump(mode="json"),

@@ -24,6 +24,9 @@ class Loaded:
 
 _cache: dict[str, Loaded] = {}
 
+# Categorical columns with more distinct values than this are described by name and count only.
+MAX_DESCRIBED_VALUES = 20
+
 
 def _key(spec: AuditSpec) -> str:
     return json.dumps(spec.model.model_dump(mode="json"), sort_keys=True) + json.dumps(
@@ -46,18 +49,28 @@ def load(spec: AuditSpec) -> Loaded:
     return _cache[key]
 
 
-def describe(loaded: Loaded) -> DatasetInfo:
-    """Summarise the data as aggregates only: counts, column names, common values."""
+def describe(loaded: Loaded, group_column: str | None = None) -> DatasetInfo:
+    """Summarise the data as aggregates only: counts, column names, common values.
+
+    The group column (patient or lesion id) is left out.
+    """
     dataset = loaded.dataset
     split = list(dataset.split)
     counts = Counter(dataset.labels.tolist())
     columns = []
     for name in dataset.metadata.columns:
+        if name == group_column:
+            # Patient or lesion identifiers: never described, not even by count.
+            continue
         series = dataset.metadata[name]
         numeric = series.dtype.kind in "if"
-        top = {} if numeric else {str(k): int(v) for k, v in series.value_counts().head(20).items()}
-        columns.append(ColumnSummary(name=str(name), numeric=numeric,
-                                     distinct=int(series.nunique()), top_values=top))
+        distinct = int(series.nunique())
+        # Values are shared only for categorical columns with few levels (site, sex, body site);
+        # a column with many distinct values may hold identifiers.
+        top = {} if numeric or distinct > MAX_DESCRIBED_VALUES else {
+            str(k): int(v) for k, v in series.value_counts().items()}
+        columns.append(ColumnSummary(name=str(name), numeric=numeric, distinct=distinct,
+                                     top_values=top))
     return DatasetInfo(
         classes=list(dataset.classes),
         class_counts={c: int(counts.get(i, 0)) for i, c in enumerate(dataset.classes)},

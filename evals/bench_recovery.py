@@ -114,7 +114,7 @@ def audit_policy(model_path: Path, size: int, id_spec, folder: Path):
                      data=id_spec, context=Context(domain="dermatology"),
                      audit={"bootstrap": 200, "seed": 0, "device": "cpu"})
     loaded = resources.load(spec)
-    info = resources.describe(loaded)
+    info = resources.describe(loaded, id_spec.group_column)
     plan = RulesPlanner().plan(spec.context, info, n_boot=200)
     plan = plan.model_copy(update={"subgroups": [], "site_column": None})
     with Store(folder / "audit.duckdb") as store:

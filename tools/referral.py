@@ -67,7 +67,7 @@ def _describe(key: str) -> str:
 
 
 def _sentence(target: float, clean: dict[str, Any], worst: dict[str, Any] | None) -> str:
-    if clean["threshold"] is None:
+    if clean["threshold"] is None or clean["accepted_value"] is None:
         return (f"No confidence threshold keeps accepted predictions at {target:.0%} accuracy on "
                 "the calibration split: every prediction would need review.")
     text = (f"To keep accepted predictions at {target:.0%} accuracy, "
