@@ -1039,7 +1039,7 @@ def plot_trend(history: list[dict[str, Any]], path: str | Path) -> Path:
     if not history:
         raise MonitorError("no monitoring records to plot")
     x = np.arange(1, len(history) + 1)
-    labels = [record["created_at"][:16].replace("T", " ") for record in history]
+    labels = [record["created_at"][:19].replace("T", " ") for record in history]
 
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     for key, label, marker in (("accuracy_atc", "accuracy (ATC)", "o"),
@@ -1062,12 +1062,13 @@ def plot_trend(history: list[dict[str, Any]], path: str | Path) -> Path:
     top.legend(fontsize=7, loc="lower left")
     top.set_title("Label-free estimates per batch")
 
-    largest_smd = [max((abs(_nan(row["smd"])) for row in r["input_drift"]
-                        if _nan(row["smd"]) == _nan(row["smd"])), default=np.nan) for r in history]
+    largest_d = [max((row["ks_statistic"] for row in r["input_drift"]), default=np.nan)
+                 for r in history]
     confidence_d = [r["output_drift"]["confidence"]["ks_statistic"] for r in history]
-    bottom.plot(x, largest_smd, marker="o", label="largest |standardized mean difference|, images")
+    bottom.plot(x, largest_d, marker="o", label="largest KS statistic D over image statistics")
     bottom.plot(x, confidence_d, marker="s", label="KS statistic D, confidence")
-    bottom.set_ylabel("drift")
+    bottom.set_ylabel("drift (KS D)")
+    bottom.set_ylim(0, 1.02)
     bottom.legend(fontsize=7, loc="upper left")
     bottom.set_xticks(x)
     bottom.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
