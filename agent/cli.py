@@ -25,9 +25,9 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 StoreOption = typer.Option(None, "--store", help="DuckDB file of audits "
-                           "[default: $CLINAUDIT_STORE, else ./clinaudit.duckdb].")
+                           "(default: $CLINAUDIT_STORE, else ./clinaudit.duckdb).")
 OutOption = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
-                         "[default: audits/<audit id>/].")
+                         "(default: audits/<audit id>/).")
 
 
 def store_path(option: Optional[Path]) -> Path:
@@ -43,7 +43,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [SpecError, StoreError, FileNotFoundError]
     for module, name in [("tools.data", "DataError"), ("tools.models", "ModelError"),
-                         ("tools.shifts", "ShiftError"), ("tools.metrics", "MetricError")]:
+                         ("tools.shifts", "ShiftError"), ("tools.metrics", "MetricError"),
+                         ("tools.calibration", "CalibrationError"),
+                         ("tools.monitor", "MonitorError")]:
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -226,7 +228,7 @@ DEMO_SPEC = {
 @app.command()
 def demo(
     data: Optional[Path] = typer.Option(None, help="ham10000_subset folder (metadata.csv and "
-                                        "images/) [default: $CLINAUDIT_DATA/ham10000_subset]."),
+                                        "images/) (default: $CLINAUDIT_DATA/ham10000_subset)."),
     store: Optional[Path] = StoreOption,
     out: Optional[Path] = OutOption,
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -509,6 +511,11 @@ def mitigate(
 
 app.command("audit-llm")(audit_llm)
 app.command("chat")(chat_command)
+
+
+from agent.monitor_cli import monitor  # noqa: E402  (it imports the helpers defined above)
+
+app.command("monitor")(monitor)
 
 
 def main() -> None:  # pragma: no cover - console entry point

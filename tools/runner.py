@@ -7,7 +7,9 @@ transaction when it finishes, so a resumed audit skips what is already in the st
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -65,6 +67,23 @@ def _per_class_sensitivity(probs: np.ndarray, labels: np.ndarray, classes: list[
     return rows
 
 
+@contextmanager
+def _cores_left_for_worker():
+    """Leave one core to the shift worker while predicting: with every core given to torch,
+    the two compete and CPU inference slows down several-fold (measured with
+    evals/bench_shifts.py on 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if cores > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(before, cores - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class AuditRunner:
     """Runs one audit's conditions in order and writes each to the store."""
 
@@ -118,6 +137,12 @@ class AuditRunner:
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
+        if self.plan.shifts:
+            from tools.shifts.batches import start_worker_server
+
+            # The shift worker's first start imports OpenCV and albumentations; let it run
+            # alongside the clean predictions.
+            start_worker_server()
         test = self.inputs.test
         labels = test.labels
         images = test.images(self.inputs.classifier.input_size,
@@ -171,6 +196,15 @@ class AuditRunner:
         done_rows = 0
         buffers: dict[tuple[str, int], np.ndarray] = {}
         started = time.perf_counter()
+        with _cores_left_for_worker():
+            self._shift_loop(images, labels, clean_probs, jobs, buffers, n, total, done_rows)
+        self.timings["shift_seconds"] = time.perf_counter() - started
+
+    def _shift_loop(self, images, labels, clean_probs, jobs, buffers, n, total, done_rows) -> None:
+        from tools.metrics import paired_bootstrap
+        from tools.shifts import iter_shifted_batches
+
+        test = self.inputs.test
         for name, severity, start, batch in iter_shifted_batches(
                 images, jobs, seed=self.settings.seed, batch_size=self.settings.batch_size):
             key = (name, severity)
@@ -194,7 +228,6 @@ class AuditRunner:
                 self._result_rows(estimates, probs, labels),
                 self._difference_rows(differences, "clean", paired=True))
             self._record_reliability(condition.key, probs, labels)
-        self.timings["shift_seconds"] = time.perf_counter() - started
 
     def _contact_sheet(self, images) -> None:
         """Store one test image under every planned shift and severity, unless the spec keeps

@@ -167,6 +167,14 @@ class Gate(_Strict):
     min_value: float | None = None
 
 
+class MonitorSettings(_Strict):
+    """Alert thresholds for `clinaudit monitor`; None leaves a check off."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0)
+    max_balanced_accuracy_drop: float | None = Field(None, ge=0)
+    max_drift_p: float | None = Field(None, gt=0, lt=1)
+
+
 class AuditSpec(_Strict):
     model: ModelSpec = ModelSpec()
     data: DataSpec
@@ -175,6 +183,7 @@ class AuditSpec(_Strict):
     audit: AuditSettings = AuditSettings()
     report: ReportSettings = ReportSettings()
     gates: list[Gate] = []
+    monitor: MonitorSettings = MonitorSettings()
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
