@@ -196,14 +196,14 @@ def chat(
     torchscript: Optional[Path] = typer.Option(None, "--torchscript", help="TorchScript "
                                                "classifier file."),
     store: Optional[Path] = typer.Option(None, "--store", help="DuckDB file of audits "
-                                         "[default: $CLINAUDIT_STORE, else ./clinaudit.duckdb]."),
+                                         "(default: $CLINAUDIT_STORE, else ./clinaudit.duckdb)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
-                                       "[default: audits/<audit id>/]."),
+                                       "(default: audits/<audit id>/)."),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Chat model of the "
                                             "planner [default: $CLINAUDIT_LLM_MODEL; without "
                                             "one the offline rules planner runs]."),
     llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="OpenAI-compatible "
-                                               "endpoint [default: $OPENAI_BASE_URL]."),
+                                               "endpoint (default: $OPENAI_BASE_URL)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Audit id of an interrupted "
                                          "chat to continue (with the same --store, and "
                                          "--llm-model to keep the LLM planner)."),
