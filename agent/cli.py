@@ -225,7 +225,7 @@ DEMO_SPEC = {
                 "intended_use": "second opinion for dermatologists on dermoscopy images",
                 "deployment": "clinics whose dermatoscopes and patients differ from the training sites",
                 "positive_class": "mel", "malignant_classes": ["mel", "bcc", "akiec"],
-                "costlier_error": "false_negative", "ordinal": False},
+                "costlier_error": "false_negative", "ordinal": False, "referral_target": 0.9},
 }
 
 
