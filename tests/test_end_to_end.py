@@ -262,8 +262,10 @@ def test_retrain_policy_and_recovery_follow_their_definitions(audited):
     assert REGISTRY["balanced_accuracy"].higher_is_better
     expected = sorted((n for n, d in drops.items() if d >= 0.0), key=lambda n: -drops[n])
     assert [step.shift for step in policy.steps] == expected
+    total = sum(max(drops[step.shift], 1e-6) for step in policy.steps)
     for step in policy.steps:
-        assert step.probability == pytest.approx(min(0.5, 0.15 + drops[step.shift]), abs=1e-3)
+        assert step.probability == pytest.approx(0.6 * max(drops[step.shift], 1e-6) / total)
+    assert sum(step.probability for step in policy.steps) == pytest.approx(0.6)
     if not policy.steps:
         pytest.skip("the tiny model lost nothing under the reduced plan's shifts")
 
@@ -287,3 +289,18 @@ def test_retrain_policy_and_recovery_follow_their_definitions(audited):
         lost += clean_before - row.before
     if lost:
         assert overall == pytest.approx(gained / lost)
+
+
+def test_augment_applies_at_most_one_shift_per_image():
+    from tools.retrain import AugmentationPolicy, AugmentationStep, make_augment
+
+    policy = AugmentationPolicy(metric="balanced_accuracy", steps=[
+        AugmentationStep(shift="brightness", probability=0.3, severities=[5], reason=""),
+        AugmentationStep(shift="contrast", probability=0.3, severities=[5], reason="")])
+    # A textured image, because contrast leaves a flat one unchanged.
+    batch = np.tile(np.random.default_rng(1).integers(40, 216, (1, 8, 8, 3), dtype=np.uint8),
+                    (2000, 1, 1, 1))
+    out = make_augment(policy)(batch, np.random.default_rng(0))
+    changed = np.any(out != batch, axis=(1, 2, 3))
+    # 60 % of images get a shift, drawn once per image.
+    assert changed.mean() == pytest.approx(0.6, abs=0.04)

@@ -24,15 +24,16 @@ from tools.store import Store
 
 Progress = Callable[[str, int, int], None]
 
-# Probability that a damaging shift is applied to a training image: a floor so every chosen
-# shift is seen, plus the drop it caused, capped so most images stay close to the clean ones.
-MIN_PROBABILITY = 0.15
-MAX_PROBABILITY = 0.5
+# Share of training images that get one damaging shift; the rest stay clean, so the model keeps
+# seeing in-distribution images. Which shift an image gets is drawn in proportion to the drop
+# that shift caused in the audit.
+AUGMENT_PROBABILITY = 0.6
 
 
 class AugmentationStep(BaseModel):
     shift: str
-    probability: float = Field(gt=0, le=1)
+    probability: float = Field(gt=0, le=1, description="share of training images that get "
+                               "this shift")
     severities: list[int]
     reason: str
 
@@ -47,9 +48,9 @@ def policy_from_audit(store: Store, audit_id: str, min_drop: float | None = None
     """Choose the shifts that hurt the primary metric and how often and how hard to apply them.
 
     A shift is chosen when its worst paired drop over the audited severities is at least
-    `min_drop` (default: the audit's `min_relevant_difference`). It is applied with probability
-    MIN_PROBABILITY + drop (at most MAX_PROBABILITY), at a severity drawn uniformly from 1 up to
-    the highest audited severity.
+    `min_drop` (default: the audit's `min_relevant_difference`). A training image gets at most
+    one shift: shift i with probability AUGMENT_PROBABILITY · drop_i / Σ drop, at a severity
+    drawn uniformly from 1 up to the highest audited severity.
     """
     from tools.metrics import REGISTRY
 
@@ -72,15 +73,14 @@ def policy_from_audit(store: Store, audit_id: str, min_drop: float | None = None
         if drop is not None and np.isfinite(drop) and drop > worst.get(name, (-np.inf, 0))[0]:
             worst[name] = (float(drop), severity)
 
-    steps = []
-    for name, (drop, severity) in sorted(worst.items(), key=lambda item: -item[1][0]):
-        if drop < min_drop:
-            continue
-        probability = min(MAX_PROBABILITY, MIN_PROBABILITY + drop)
-        steps.append(AugmentationStep(
-            shift=name, probability=round(probability, 3),
-            severities=list(range(1, highest[name] + 1)),
-            reason=f"{metric} dropped by {drop:.3f} at severity {severity}"))
+    chosen = [(name, drop, severity) for name, (drop, severity)
+              in sorted(worst.items(), key=lambda item: -item[1][0]) if drop >= min_drop]
+    total = sum(max(drop, 1e-6) for _, drop, _ in chosen)
+    steps = [AugmentationStep(
+        shift=name, probability=AUGMENT_PROBABILITY * max(drop, 1e-6) / total,
+        severities=list(range(1, highest[name] + 1)),
+        reason=f"{metric} dropped by {drop:.3f} at severity {severity}")
+        for name, drop, severity in chosen]
     return AugmentationPolicy(metric=metric, steps=steps)
 
 
@@ -89,14 +89,20 @@ def make_augment(policy: AugmentationPolicy) -> Callable[[np.ndarray, np.random.
     registry (albumentations transforms where the registry uses them) with its probability."""
     from tools.shifts import apply_shift
 
+    cumulative = np.cumsum([step.probability for step in policy.steps])
+
     def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = batch.copy()
         for i in range(len(out)):
-            for step in policy.steps:
-                if rng.random() < step.probability:
-                    severity = int(rng.choice(step.severities))
-                    out[i] = apply_shift(out[i], step.shift, severity,
-                                         seed=int(rng.integers(0, 2**31 - 1)))
+            # One draw picks at most one step; past the last cumulative share the image stays
+            # clean.
+            pick = int(np.searchsorted(cumulative, rng.random(), side="right"))
+            if pick >= len(policy.steps):
+                continue
+            step = policy.steps[pick]
+            severity = int(rng.choice(step.severities))
+            out[i] = apply_shift(out[i], step.shift, severity,
+                                 seed=int(rng.integers(0, 2**31 - 1)))
         return out
 
     return augment
