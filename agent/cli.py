@@ -72,8 +72,14 @@ class ProgressBars:
     """Rich progress bars fed by the tools' (task, done, total) callbacks."""
 
     def __init__(self) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(TextColumn("{task.description:<32}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -523,7 +529,8 @@ app.command("audit-llm")(audit_llm)
 app.command("chat")(chat_command)
 
 
-from agent.monitor_cli import monitor  # noqa: E402  (it imports the helpers defined above)
+# Imported last because monitor_cli imports the helpers defined above.
+from agent.monitor_cli import monitor
 
 app.command("monitor")(monitor)
 

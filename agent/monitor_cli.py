@@ -136,9 +136,9 @@ def monitor(
 def _thresholds(model, raw_spec: dict[str, Any], max_accuracy_drop, max_balanced_accuracy_drop,
                 max_drift_p):
     """Merge the spec's `monitor` section (when the spec has one) with the command line."""
-    from tools.monitor import MonitorError
     from pydantic import ValidationError
 
+    from tools.monitor import MonitorError
     from tools.spec import format_validation_error
 
     merged = dict(raw_spec.get("monitor") or {})

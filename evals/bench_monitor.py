@@ -221,7 +221,7 @@ def summarise(rows: list[dict]) -> str:
 
 def main() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from tools.data import load_dataset, load_external
+    from tools.data import load_external
     from tools.models import load_classifier
     from tools.monitor import build_reference, load_batch
     from tools.shifts import shift_images

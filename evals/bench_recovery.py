@@ -102,8 +102,8 @@ def evaluate(model_path: Path, size: int, datasets: dict, n_boot: int) -> dict:
 
 def audit_policy(model_path: Path, size: int, id_spec, folder: Path):
     """Audit the no-augmentation model on in-distribution data only and derive the policy."""
-    from agent.planners.rules import RulesPlanner
     from agent import resources
+    from agent.planners.rules import RulesPlanner
     from tools.retrain import policy_from_audit
     from tools.runner import AuditInputs, AuditRunner, find_and_store_findings
     from tools.spec import AuditSpec, Context, ModelSpec

@@ -249,8 +249,12 @@ def test_compare_review_and_delete_on_two_audits(audited, ham_dir, small_ham_man
 
 def test_retrain_policy_and_recovery_follow_their_definitions(audited):
     from tools.metrics import REGISTRY
-    from tools.retrain import (AugmentRetrainInput, augment_and_retrain, policy_from_audit,
-                               recovery_table)
+    from tools.retrain import (
+        AugmentRetrainInput,
+        augment_and_retrain,
+        policy_from_audit,
+        recovery_table,
+    )
 
     with Store(audited["store"]) as db:
         drops = {}

@@ -451,8 +451,8 @@ def test_monitor_names_applied_shift(tiny_audit, ham_dir):
 def test_monitor_alert_exits_1_and_trend_grows(tiny_audit, ham_dir):
     from typer.testing import CliRunner
 
-    from tools.store import Store
     from tools.monitor import monitor_history
+    from tools.store import Store
 
     store, audit_id, test_ids, folder = tiny_audit
     batch = write_batch(folder / "bright", ham_dir, test_ids[:60], ("brightness", 4))

@@ -177,8 +177,7 @@ class AuditRunner:
         return probs
 
     def _shifts(self, images, labels, clean_probs) -> None:
-        from tools.metrics import paired_bootstrap
-        from tools.shifts import iter_shifted_batches, validate_shift
+        from tools.shifts import validate_shift
 
         test = self.inputs.test
         jobs = []
@@ -352,9 +351,13 @@ class AuditRunner:
     def _recalibration(self) -> None:
         """Fit temperature scaling on the calibration split, then check under every condition
         whether it helped or harmed calibration."""
-        from tools.calibration import (clinical_sentence, evaluate_recalibration,
-                                       fit_temperature_arrays, recalibration_findings,
-                                       scaler_from_dict)
+        from tools.calibration import (
+            clinical_sentence,
+            evaluate_recalibration,
+            fit_temperature_arrays,
+            recalibration_findings,
+            scaler_from_dict,
+        )
 
         if self.store.artifact(self.audit_id, "calibration") is not None:
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.state import AskFn, DatasetInfo
-from tools.spec import (AuditPlan, Context, MetricChoice, PlanCost, ShiftChoice, SubgroupChoice)
+from tools.spec import AuditPlan, Context, MetricChoice, PlanCost, ShiftChoice, SubgroupChoice
 
 # The first-slice shifts, used when the domain has no preset.
 GENERIC_SHIFTS = ["gaussian_noise", "gaussian_blur", "brightness", "contrast", "jpeg", "rotation"]
