@@ -124,6 +124,12 @@ def print_plan(plan) -> None:
                       f"({plan.cost.note}).")
 
 
+def show_plan(plan) -> bool:
+    """Print the plan and its cost before a non-interactive run, and go ahead."""
+    print_plan(plan)
+    return True
+
+
 def print_summary(store_file: Path, audit_id: str, report_paths: dict[str, str]) -> None:
     from rich.table import Table
 
@@ -179,7 +185,7 @@ def run(
     llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Endpoint URL "
                                                "(default: $OPENAI_BASE_URL)."),
 ) -> None:
-    """Run a scripted audit from a spec; asks nothing. Exit 1 when a gate fails."""
+    """Run a scripted audit from a spec without prompting. Exit 1 when a gate fails."""
     from agent.planners.llm import planner_from_options
     from tools.spec import load_spec
 
@@ -199,7 +205,8 @@ def run(
             chosen = spec.plan or planner.plan(spec.context, info, n_boot=spec.audit.bootstrap)
             print_plan(chosen)
             return
-        state = run_graph(spec, spec_file.parent.resolve(), store_file, out, planner)
+        state = run_graph(spec, spec_file.parent.resolve(), store_file, out, planner,
+                          confirm=show_plan)
     print_summary(store_file, state["audit_id"], state.get("report_paths", {}))
     if spec.gates:
         _check_gates(store_file, state["audit_id"], spec.gates)
@@ -290,7 +297,7 @@ def demo(
         planner = RulesPlanner()
         if shifts:
             planner = _ShiftFilter(planner, [s.strip() for s in shifts.split(",") if s.strip()])
-        state = run_graph(spec, Path.cwd(), store_file, out, planner)
+        state = run_graph(spec, Path.cwd(), store_file, out, planner, confirm=show_plan)
     print_summary(store_file, state["audit_id"], state.get("report_paths", {}))
     console.print(f"Demo finished in {time.perf_counter() - started:.0f} s.")
 
