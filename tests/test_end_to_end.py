@@ -27,6 +27,9 @@ REDUCED_PLAN = {
                {"name": "gaussian_blur", "severities": [5]}],
     "subgroups": [{"column": "sex"}],
     "site_column": "dataset",
+    "prevalence": [{"name": "nv_mel_even", "class_mix": {"nv": 0.5, "mel": 0.5}}],
+    "reweight": [{"name": "equal_sex", "column": "sex",
+                  "target": {"male": 0.5, "female": 0.5}}],
     "min_subgroup_size": 30,
 }
 
@@ -225,7 +228,8 @@ def test_compare_review_and_delete_on_two_audits(audited, ham_dir, small_ham_man
     assert clean["a"] == pytest.approx(first_clean["balanced_accuracy"])
     assert clean["delta"] == 0
     assert clean["verdict"] == "no clear change"
-    assert {r["condition"] for r in rows} == {"clean", "shift:gaussian_noise:5"}
+    assert {r["condition"] for r in rows} == {"clean", "shift:gaussian_noise:5",
+                                             "prevalence:nv_mel_even", "reweight:equal_sex"}
 
     reviewed = runner.invoke(app, ["review", second, "--reviewer", "Dr Ada Lovelace",
                                    "--verdict", "changes", "--comment", "check noise",
@@ -308,3 +312,31 @@ def test_augment_applies_at_most_one_shift_per_image():
     changed = np.any(out != batch, axis=(1, 2, 3))
     # 60 % of images get a shift, drawn once per image.
     assert changed.mean() == pytest.approx(0.6, abs=0.04)
+
+
+def test_population_shifts_match_hand_computation(audited, small_ham_manifest):
+    import pandas as pd
+
+    with Store(audited["store"]) as db:
+        conditions = {c.key: c for c in db.conditions(audited["audit_id"])}
+        reweighted = db.predictions(audited["audit_id"], "reweight:equal_sex")
+        resampled = db.predictions(audited["audit_id"], "prevalence:nv_mel_even")
+        results = {(r["condition"], r["metric"]): r["value"]
+                   for r in db.results(audited["audit_id"]) if r["class"] is None}
+
+    weights = reweighted["weights"]
+    sex = pd.read_csv(small_ham_manifest).set_index("image_id")["sex"]
+    sexes = sex.loc[list(reweighted["ids"])].to_numpy()
+    assert weights[sexes == "male"].sum() == pytest.approx(weights[sexes == "female"].sum())
+    assert weights[(sexes != "male") & (sexes != "female")].sum() == 0
+    # Kish's effective sample size, by hand.
+    ess = weights.sum() ** 2 / (weights ** 2).sum()
+    assert conditions["reweight:equal_sex"].effective_n == pytest.approx(ess)
+    correct = reweighted["probs"].argmax(axis=1) == reweighted["labels"]
+    weighted_accuracy = (weights * correct).sum() / weights.sum()
+    assert results[("reweight:equal_sex", "accuracy")] == pytest.approx(weighted_accuracy)
+
+    nv, mel = HAM_CLASSES.index("nv"), HAM_CLASSES.index("mel")
+    counts = np.bincount(resampled["labels"], minlength=len(HAM_CLASSES))
+    assert counts[nv] == counts[mel]
+    assert counts.sum() == counts[nv] + counts[mel]

@@ -152,6 +152,7 @@ class AuditRunner:
         self._shifts(images, labels, clean_probs)
         self._subgroups(labels, clean_probs)
         self._prevalence(labels, clean_probs)
+        self._reweight(labels, clean_probs)
         self._externals(clean_probs, labels)
         if self.inputs.calibration is not None and len(self.inputs.calibration.ids):
             self._recalibration()
@@ -304,15 +305,52 @@ class AuditRunner:
             mix = {self.classes.index(c): share for c, share in choice.class_mix.items()}
             indices = prevalence_indices(labels, mix, seed=self.settings.seed)
             probs, sub_labels = clean_probs[indices], labels[indices]
+            if len(indices) < self.plan.min_subgroup_size:
+                condition = Condition(key, "prevalence", choice.name,
+                                      {"class_mix": choice.class_mix}, n=len(indices),
+                                      effective_n=float(len(indices)), too_small=True)
+                self.store.save_condition(self.audit_id, condition,
+                                          [test.ids[i] for i in indices], sub_labels, probs, [])
+                continue
             estimates = self._bootstrap(probs, sub_labels)
             diff = unpaired_bootstrap(self.metrics, clean_probs, labels, probs, sub_labels,
                                       n_boot=self.settings.bootstrap, seed=self.settings.seed)
             condition = Condition(key, "prevalence", choice.name,
-                                  {"class_mix": choice.class_mix}, n=len(indices))
+                                  {"class_mix": choice.class_mix}, n=len(indices),
+                                  effective_n=float(len(indices)))
             self.store.save_condition(self.audit_id, condition, [test.ids[i] for i in indices],
                                       sub_labels, probs,
                                       self._result_rows(estimates, probs, sub_labels),
                                       self._difference_rows(diff, "clean", paired=False))
+
+    def _reweight(self, labels, clean_probs) -> None:
+        """Covariate shift: the clean test predictions weighted to a target metadata mix."""
+        from tools.metrics import unpaired_bootstrap
+        from tools.shifts.population import effective_sample_size, reweight_weights
+
+        test = self.inputs.test
+        for choice in self.plan.reweight:
+            key = f"reweight:{choice.name}"
+            if key in self.done:
+                continue
+            weights = reweight_weights(test.metadata, choice.column, choice.target, choice.bands)
+            ess = effective_sample_size(weights)
+            condition = Condition(key, "reweight", choice.name,
+                                  {"column": choice.column, "target": choice.target},
+                                  n=int((weights > 0).sum()), effective_n=ess,
+                                  too_small=ess < self.plan.min_subgroup_size)
+            if condition.too_small:
+                self.store.save_condition(self.audit_id, condition, test.ids, labels,
+                                          clean_probs, [], weights=weights)
+                continue
+            estimates = self._bootstrap(clean_probs, labels, weights=weights)
+            diff = unpaired_bootstrap(self.metrics, clean_probs, labels, clean_probs, labels,
+                                      n_boot=self.settings.bootstrap, seed=self.settings.seed,
+                                      weights_b=weights)
+            self.store.save_condition(self.audit_id, condition, test.ids, labels, clean_probs,
+                                      self._result_rows(estimates, clean_probs, labels, weights),
+                                      self._difference_rows(diff, "clean", paired=False),
+                                      weights=weights)
 
     def _externals(self, clean_probs, labels) -> None:
         from tools.metrics import unpaired_bootstrap
@@ -372,7 +410,7 @@ class AuditRunner:
 
         conditions, severity_of = {}, {}
         for condition in self.store.conditions(self.audit_id):
-            if condition.too_small or condition.kind in ("prevalence",):
+            if condition.too_small or condition.kind in ("prevalence", "reweight"):
                 continue
             stored = self.store.predictions(self.audit_id, condition.key)
             conditions[condition.key] = (np.log(np.clip(stored["probs"], 1e-300, None)),
@@ -407,7 +445,7 @@ class AuditRunner:
         self.progress("Referral rule", 0, 1)
         conditions = {}
         for condition in self.store.conditions(self.audit_id):
-            if condition.too_small or condition.kind == "prevalence":
+            if condition.too_small or condition.kind in ("prevalence", "reweight"):
                 continue
             stored = self.store.predictions(self.audit_id, condition.key)
             conditions[condition.key] = (stored["probs"], stored["labels"])

@@ -126,6 +126,16 @@ class PrevalenceChoice(_Strict):
     reason: str = ""
 
 
+class ReweightChoice(_Strict):
+    """A covariate shift: the test set reweighted so a metadata column has a target mix."""
+
+    name: str
+    column: str
+    target: dict[str, float]
+    bands: list[float] | None = None
+    reason: str = ""
+
+
 class PlanCost(_Strict):
     conditions: int
     images_predicted: int
@@ -141,6 +151,7 @@ class AuditPlan(_Strict):
     subgroups: list[SubgroupChoice] = []
     site_column: str | None = None
     prevalence: list[PrevalenceChoice] = []
+    reweight: list[ReweightChoice] = []
     min_subgroup_size: int = 30
     cost: PlanCost | None = None
     planner: str = "rules"

@@ -9,7 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from agent.state import AskFn, DatasetInfo
-from tools.spec import AuditPlan, Context, MetricChoice, PlanCost, ShiftChoice, SubgroupChoice
+from tools.spec import (
+    AuditPlan,
+    Context,
+    MetricChoice,
+    PlanCost,
+    PrevalenceChoice,
+    ReweightChoice,
+    ShiftChoice,
+    SubgroupChoice,
+)
 
 # The first-slice shifts, used when the domain has no preset.
 GENERIC_SHIFTS = ["gaussian_noise", "gaussian_blur", "brightness", "contrast", "jpeg", "rotation"]
@@ -202,6 +211,32 @@ def choose_subgroups(info: DatasetInfo) -> tuple[list[SubgroupChoice], str | Non
     return subgroups, site
 
 
+def choose_prevalence(info: DatasetInfo) -> list[PrevalenceChoice]:
+    """A test set resampled to equal class shares: deployment sites rarely see the training
+    prevalence, and metrics such as accuracy and PPV move with it."""
+    if len(info.classes) < 2:
+        return []
+    share = round(1 / len(info.classes), 6)
+    return [PrevalenceChoice(name="balanced", class_mix={c: share for c in info.classes},
+                             reason="Equal class shares, as a screening population with a "
+                             "different case mix would have; shows how much the headline numbers "
+                             "owe to the test set's prevalence.")]
+
+
+def choose_reweight(info: DatasetInfo, site: str | None) -> list[ReweightChoice]:
+    """Reweight the test set to equal acquisition-site shares, without retraining."""
+    if site is None:
+        return []
+    column = next((c for c in info.metadata if c.name == site), None)
+    if column is None or not column.top_values or len(column.top_values) < 2:
+        return []
+    share = round(1 / len(column.top_values), 6)
+    return [ReweightChoice(name=f"equal_{site}", column=site,
+                           target={value: share for value in column.top_values},
+                           reason=f"Every {site} weighted equally, as a deployment spread evenly "
+                           "over the sites would be; the effective sample size is reported.")]
+
+
 def estimate_cost(plan: AuditPlan, info: DatasetInfo, n_boot: int) -> PlanCost:
     shift_conditions = sum(len(s.severities) for s in plan.shifts)
     images = info.n_test * (1 + shift_conditions)
@@ -233,7 +268,8 @@ class RulesPlanner:
         subgroups, site = choose_subgroups(info)
         plan = AuditPlan(metrics=metrics, primary_metric=primary, primary_reason=primary_reason,
                          shifts=choose_shifts(context, info), subgroups=subgroups,
-                         site_column=site, planner=self.name)
+                         site_column=site, prevalence=choose_prevalence(info),
+                         reweight=choose_reweight(info, site), planner=self.name)
         plan.cost = estimate_cost(plan, info, n_boot)
         return plan
 
