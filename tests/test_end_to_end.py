@@ -340,3 +340,40 @@ def test_population_shifts_match_hand_computation(audited, small_ham_manifest):
     counts = np.bincount(resampled["labels"], minlength=len(HAM_CLASSES))
     assert counts[nv] == counts[mel]
     assert counts.sum() == counts[nv] + counts[mel]
+
+
+def test_recalibration_verdicts_agree_with_recomputed_ece(audited):
+    import torch
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    with Store(audited["store"]) as db:
+        calibration = db.artifact(audited["audit_id"], "calibration")
+        clean = db.predictions(audited["audit_id"], "clean")
+        noisy = db.predictions(audited["audit_id"], "shift:gaussian_noise:5")
+    assert calibration is not None
+    temperature = calibration["temperature"]
+    assert calibration["low"] <= temperature <= calibration["high"]
+    expected_direction = ("overconfident" if calibration["low"] > 1 else
+                          "underconfident" if calibration["high"] < 1 else "well calibrated")
+    assert calibration["direction"] == expected_direction
+
+    def ece(probs, labels):
+        return float(multiclass_calibration_error(torch.tensor(probs), torch.tensor(labels),
+                                                  num_classes=len(HAM_CLASSES), n_bins=15))
+
+    def scaled(probs):
+        logits = np.log(np.clip(probs, 1e-300, None)) / temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    verdicts = {v["condition"]: v for v in calibration["verdicts"]}
+    for key, predictions in [("clean", clean), ("shift:gaussian_noise:5", noisy)]:
+        change = next(c for c in verdicts[key]["changes"] if c["metric"] == "ece_top_label")
+        assert change["before"] == pytest.approx(ece(predictions["probs"], predictions["labels"]),
+                                                 abs=1e-6)
+        assert change["after"] == pytest.approx(
+            ece(scaled(predictions["probs"]), predictions["labels"]), abs=1e-6)
+        expected = ("helped" if change["high"] < 0 else "harmed" if change["low"] > 0
+                    else "no clear change")
+        assert verdicts[key]["verdict"] == expected
