@@ -305,3 +305,25 @@ def test_html_to_pdf_reports_missing_chromium(tmp_path):
 def test_html_to_pdf_reports_missing_html(tmp_path):
     with pytest.raises(ReportFileError, match="missing.html"):
         html_to_pdf(tmp_path / "missing.html", tmp_path / "report.pdf")
+
+
+def test_verdict_leaves_out_recalibration_findings():
+    from tools.report.content import Lookup, verdict_view
+
+    data = minimal_data()
+    data["findings"] = [{"id": "F9", "kind": "recalibration_harms",
+                         "condition": "shift:jpeg_compression:3", "metric": "balanced_accuracy",
+                         "effect": 0.1, "low": 0.05, "high": 0.15, "p_value": 0.001,
+                         "light": "red", "summary": "Recalibration raised the error.",
+                         "evidence": {}}]
+    verdict = verdict_view(data, Lookup(data))
+    assert verdict["failed"] == []
+    assert verdict["held_up"] == ["jpeg compression: severity 3"]
+    assert verdict["light"] == "green"
+
+
+def test_no_missed_case_sentence_when_fewer_are_missed():
+    improved = render_html(minimal_data(mel_clean=0.60, mel_shifted=0.80))
+    worse = render_html(minimal_data(mel_clean=0.95, mel_shifted=0.875))
+    assert "would be missed" not in improved.split("Top findings", 1)[1].split("Evidence", 1)[0]
+    assert "would be missed" in worse

@@ -347,12 +347,26 @@ def evidence_anchor(finding: dict, lookup: Lookup) -> str:
     return anchor(finding.get("condition", ""))
 
 
+def _missed_more(lookup: Lookup, key: str, cls: str, reference: str = "clean") -> bool:
+    row = lookup.per_class.get((key, "sensitivity", cls))
+    reference_row = lookup.per_class.get((reference, "sensitivity", cls))
+    if row is None or not is_number(row.get("value")):
+        return False
+    if key == reference or reference_row is None or not is_number(reference_row.get("value")):
+        return True
+    return row["value"] < reference_row["value"]
+
+
 def finding_view(finding: dict, lookup: Lookup, classes: list[str]) -> dict:
     key = finding.get("condition", "")
     condition = lookup.conditions.get(key, {"key": key, "kind": "other", "name": key})
     consequences = []
     others = []
     for cls in classes:
+        # Only classes missed more often than on the reference are a consequence of this
+        # finding; a class missed less often is not a harm to report here.
+        if not _missed_more(lookup, key, cls):
+            continue
         if not consequences:
             sentence = miss_sentence(lookup, key, cls)
             if sentence:
@@ -366,7 +380,8 @@ def finding_view(finding: dict, lookup: Lookup, classes: list[str]) -> dict:
     return {
         "id": finding.get("id", ""),
         "light": finding.get("light", "amber"),
-        "title": f"{condition_label(condition)}: {effect_words(finding, lookup)}",
+        "title": ("After recalibration, " if finding.get("kind") in RECALIBRATION_KINDS
+                  else "") + f"{condition_label(condition)}: {effect_words(finding, lookup)}",
         "summary": finding.get("summary", ""),
         "consequences": consequences,
         "interval": fmt_interval(finding.get("low"), finding.get("high")),
@@ -397,9 +412,18 @@ def _severity_ranges(severities: list[int]) -> str:
     return ", ".join(parts)
 
 
+# Findings about the temperature-scaled model, not about the audited model under a condition.
+RECALIBRATION_KINDS = {"recalibration_harms", "recalibration_overconfidence_grows",
+                       "subgroup_calibration_differs"}
+
+
 def verdict_view(data: dict, lookup: Lookup) -> dict:
-    """The verdict box: overall light, intended use, where the model held up and where not."""
-    findings = sorted_findings(data)
+    """The verdict box: overall light, intended use, where the model held up and where not.
+
+    Recalibration findings are left out here: they describe the temperature-scaled model and
+    have their own section.
+    """
+    findings = [f for f in sorted_findings(data) if f.get("kind") not in RECALIBRATION_KINDS]
     by_condition: dict[str, list[dict]] = {}
     for finding in findings:
         by_condition.setdefault(finding.get("condition"), []).append(finding)
