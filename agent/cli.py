@@ -201,7 +201,10 @@ def run(
         if plan_only:
             from agent import resources
 
+            from agent.graph import check_context_classes
+
             info = resources.describe(resources.load(spec), spec.data.group_column)
+            check_context_classes(spec.context, info.classes)
             chosen = spec.plan or planner.plan(spec.context, info, n_boot=spec.audit.bootstrap)
             print_plan(chosen)
             return
@@ -413,7 +416,8 @@ def runs(store: Optional[Path] = StoreOption) -> None:
         with Store(store_path(store)) as db:
             audits = db.list_audits()
     table = Table(title=f"Audits in {store_path(store)}")
-    for column in ("audit id", "created", "kind", "status", "conditions", "findings"):
+    table.add_column("audit id", no_wrap=True, overflow="fold")
+    for column in ("created", "kind", "status", "conditions", "findings"):
         table.add_column(column)
     for audit in audits:
         table.add_row(audit["id"], f"{audit['created_at']:%Y-%m-%d %H:%M}", audit["kind"],
@@ -465,6 +469,8 @@ def compare(
     audit_a: str = typer.Argument(..., help="Earlier audit id."),
     audit_b: str = typer.Argument(..., help="Later audit id."),
     store: Optional[Path] = StoreOption,
+    show_all: bool = typer.Option(False, "--all", help="List every condition and metric, not "
+                                  "only clean and the clear changes."),
 ) -> None:
     """Show which whole-set metrics got better or worse between two audits, per condition."""
     from rich.table import Table
@@ -476,15 +482,28 @@ def compare(
 
         with Store(store_path(store)) as db:
             rows = compare_audits(db, audit_a, audit_b)
+    shown = rows if show_all else [r for r in rows if r["condition"] == "clean"
+                                   or r["verdict"] != "no clear change"]
     table = Table(title=f"{audit_a} -> {audit_b}")
-    for column in ("condition", "metric", "A", "B", "change", "95% interval", "verdict"):
-        table.add_column(column)
-    for row in rows:
+    table.add_column("condition", overflow="fold")
+    for column in ("metric", "A", "B", "change", "95% interval", "verdict"):
+        table.add_column(column, overflow="fold")
+    for row in shown:
         colour = {"better": "green", "worse": "red"}.get(row["verdict"], "white")
         interval = "" if row["low"] is None else f"{row['low']:+.3f} to {row['high']:+.3f}"
         table.add_row(row["condition"], row["metric"], f"{row['a']:.3f}", f"{row['b']:.3f}",
                       f"{row['delta']:+.3f}", interval, f"[{colour}]{row['verdict']}[/]")
     console.print(table)
+    better = sum(r["verdict"] == "better" for r in rows)
+    worse = sum(r["verdict"] == "worse" for r in rows)
+    console.print(f"{len(rows)} comparisons: {better} better, {worse} worse, "
+                  f"{len(rows) - better - worse} no clear change (Benjamini–Hochberg at 0.05)."
+                  + ("" if show_all else " --all lists every row."))
+    unpaired = sorted({r["condition"] for r in rows if not r["paired"]})
+    if unpaired:
+        console.print(f"[yellow]Note:[/] {len(unpaired)} condition(s) hold different images in "
+                      "the two audits, so their changes mix the model's change with the test "
+                      "set's (compared unpaired).", highlight=False)
 
 
 @app.command()

@@ -40,9 +40,22 @@ def interview(state: AuditState, config: RunnableConfig | None = None) -> dict[s
     info = resources.describe(loaded, spec.data.group_column)
     context = Context.model_validate(state.get("context") or spec.context.model_dump())
     context = options["planner"].interview(context, info, options.get("ask"))
+    check_context_classes(context, info.classes)
     return {"context": context.model_dump(mode="json"),
             "dataset_info": info.model_dump(mode="json"),
             "log": _log(state, "interview finished")}
+
+
+def check_context_classes(context: Context, classes: list[str]) -> None:
+    """Raise SpecError when the context names a class the model does not have."""
+    from tools.spec import SpecError
+
+    named = [("context.positive_class", context.positive_class)] + [
+        (f"context.malignant_classes[{i}]", name) for i, name in
+        enumerate(context.malignant_classes)]
+    for field, name in named:
+        if name is not None and name not in classes:
+            raise SpecError(f"{field}: {name!r} is not one of the model's classes {classes}")
 
 
 def plan(state: AuditState, config: RunnableConfig | None = None) -> dict[str, Any]:

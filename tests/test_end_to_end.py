@@ -377,3 +377,15 @@ def test_recalibration_verdicts_agree_with_recomputed_ece(audited):
         expected = ("helped" if change["high"] < 0 else "harmed" if change["low"] > 0
                     else "no clear change")
         assert verdicts[key]["verdict"] == expected
+
+
+def test_unknown_positive_class_exits_two(audited, ham_dir, small_ham_manifest, tiny_model):
+    folder = audited["folder"] / "positive"
+    folder.mkdir()
+    spec = write_spec(folder, ham_dir, small_ham_manifest, tiny_model,
+                      context={"domain": "dermatology", "positive_class": "melanoma"})
+    for extra in ([], ["--plan-only"]):
+        result = CliRunner().invoke(app, ["run", str(spec), "--store", str(audited["store"]),
+                                          *extra])
+        assert result.exit_code == 2, result.output
+        assert "context.positive_class: 'melanoma' is not one of" in result.output

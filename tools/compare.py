@@ -15,8 +15,16 @@ from tools.store import Store
 
 
 def compare_audits(store: Store, audit_a: str, audit_b: str, n_boot: int = 1000,
-                   seed: int = 0) -> list[dict[str, Any]]:
-    """Return one row per (shared condition, metric): a, b, delta = b − a, interval, verdict."""
+                   seed: int = 0, fdr: float = 0.05) -> list[dict[str, Any]]:
+    """Return one row per (shared condition, metric): a, b, delta = b − a, interval, p- and
+    q-value, verdict.
+
+    A change is "better" or "worse" only when its 95 % interval excludes zero and it survives
+    Benjamini–Hochberg at level `fdr` over every row of the comparison; otherwise it is
+    "no clear change".
+    """
+    from scipy.stats import false_discovery_control
+
     from tools.metrics import REGISTRY, paired_bootstrap, unpaired_bootstrap
 
     store.require_audit(audit_a)
@@ -43,13 +51,20 @@ def compare_audits(store: Store, audit_a: str, audit_b: str, n_boot: int = 1000,
             diffs = unpaired_bootstrap(metrics, a["probs"], a["labels"], b["probs"], b["labels"],
                                        n_boot=n_boot, seed=seed)
         for (metric_id, params), diff in zip(metrics, diffs.values()):
-            higher_is_better = REGISTRY[metric_id].higher_is_better
-            verdict = "no clear change"
-            if diff.low is not None and diff.high is not None and np.isfinite(diff.low):
-                improved = diff.low > 0 if higher_is_better else diff.high < 0
-                worsened = diff.high < 0 if higher_is_better else diff.low > 0
-                verdict = "better" if improved else "worse" if worsened else verdict
             rows.append({"condition": key, "metric": metric_id, "a": diff.reference,
                          "b": diff.condition, "delta": diff.delta, "low": diff.low,
-                         "high": diff.high, "paired": paired, "verdict": verdict})
+                         "high": diff.high, "p_value": diff.p_value, "q_value": None,
+                         "paired": paired, "verdict": "no clear change"})
+
+    tested = [r for r in rows if r["p_value"] is not None and np.isfinite(r["p_value"])]
+    if tested:
+        q_values = false_discovery_control([r["p_value"] for r in tested], method="bh")
+        for row, q_value in zip(tested, q_values):
+            row["q_value"] = float(q_value)
+            if q_value > fdr or row["low"] is None or not np.isfinite(row["low"]):
+                continue
+            higher_is_better = REGISTRY[row["metric"]].higher_is_better
+            improved = row["low"] > 0 if higher_is_better else row["high"] < 0
+            worsened = row["high"] < 0 if higher_is_better else row["low"] > 0
+            row["verdict"] = "better" if improved else "worse" if worsened else row["verdict"]
     return rows
