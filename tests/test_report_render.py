@@ -327,3 +327,9 @@ def test_no_missed_case_sentence_when_fewer_are_missed():
     worse = render_html(minimal_data(mel_clean=0.95, mel_shifted=0.875))
     assert "would be missed" not in improved.split("Top findings", 1)[1].split("Evidence", 1)[0]
     assert "would be missed" in worse
+
+
+@pytest.mark.parametrize("rate, words", [(0.97, "almost all"), (0.92, "about 9 in 10"),
+                                         (0.7, "about 7 in 10")])
+def test_natural_frequency_never_says_one_in_one(rate, words):
+    assert natural_frequency(rate) == words

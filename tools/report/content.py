@@ -114,6 +114,9 @@ def natural_frequency(rate: float) -> str:
         return "all"
 
     whole = round(1 / rate)
+    if whole == 1:
+        # "about 1 in 1" reads as a typo; rates this high are said in tenths.
+        return f"about {math.floor(rate * 10 + 0.5)} in 10" if rate < 0.95 else "almost all"
     if abs(1 / whole - rate) <= 0.1 * rate:
         return f"about 1 in {whole:,}"
     for denominator in (10, 100):
