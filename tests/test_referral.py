@@ -58,3 +58,31 @@ def test_unreachable_target_refers_everything():
     assert report["rows"][0]["accepted_value"] is None
     assert candidates == []
     assert "No confidence threshold" in report["sentence"]
+
+
+def test_sensitivity_target_counts_only_positive_cases():
+    # Class 1 is the positive class. Calibration positives: 8 caught with confidence 0.9, 2
+    # missed with confidence 0.6 (predicted 0). Negatives: 10 right at confidence 0.55.
+    caught = np.tile([0.1, 0.9], (8, 1))
+    missed = np.tile([0.6, 0.4], (2, 1))
+    negatives = np.tile([0.55, 0.45], (10, 1))
+    probs = np.vstack([caught, missed, negatives])
+    labels = np.array([1] * 10 + [0] * 10)
+
+    report, _ = referral_report(probs, labels, {"clean": (probs, labels)}, target=1.0,
+                                n_boot=50, metric="sensitivity", positive=1,
+                                positive_name="mel")
+    # Among positives, accepting only confidence >= 0.9 reaches sensitivity 1.0; that also
+    # refers every negative (confidence 0.55), so 12 of 20 rows are referred.
+    assert report["threshold"] == pytest.approx(0.9)
+    row = report["rows"][0]
+    assert row["accepted_value"] == pytest.approx(1.0)
+    assert row["referred"] == pytest.approx(12 / 20)
+    assert report["calibration_referred"] == pytest.approx(12 / 20)
+    assert "sensitivity for mel" in report["sentence"]
+
+
+def test_sensitivity_target_needs_positive_class():
+    probs, labels = two_class(np.full(5, 0.9), np.full(5, 0.6))
+    with pytest.raises(ValueError, match="positive_class"):
+        referral_report(probs, labels, {}, target=0.9, metric="sensitivity")

@@ -35,17 +35,38 @@ def risk_coverage_curve(confidence: np.ndarray, correct: np.ndarray,
     return {"coverage": coverage[keep].round(4).tolist(), "risk": risk[keep].round(4).tolist()}
 
 
-def _accepted_accuracy_interval(confidence, correct, threshold, n_boot, seed
-                                ) -> tuple[float | None, float | None, np.ndarray]:
-    """Percentile interval of the accepted accuracy over bootstrap resamples (count weights)."""
-    n = len(correct)
+def _hits_and_scope(probs: np.ndarray, labels: np.ndarray, metric: str,
+                    positive: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: whether it counts as a hit, and whether it counts at all, for the target metric.
+
+    Accuracy: a hit is a correct prediction, every row counts. Sensitivity: a hit is a positive
+    case predicted positive, and only the positive cases count.
+    """
+    predicted = probs.argmax(axis=1)
+    if metric == "sensitivity":
+        return (predicted == positive).astype(float), (labels == positive).astype(float)
+    return (predicted == labels).astype(float), np.ones(len(labels))
+
+
+def _accepted_value(confidence, hits, scope, threshold) -> float | None:
+    if threshold is None:
+        return None
+    keep = (confidence >= threshold) * scope
+    return float(keep @ hits / keep.sum()) if keep.sum() > 0 else None
+
+
+def _accepted_interval(confidence, hits, scope, threshold, n_boot, seed
+                       ) -> tuple[float | None, float | None, np.ndarray]:
+    """Percentile interval of the accepted accuracy (or sensitivity) over bootstrap resamples
+    drawn as count weights."""
+    n = len(hits)
     if threshold is None or n_boot == 0:
         return None, None, np.array([])
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-    keep = (confidence >= threshold).astype(np.float64)
+    keep = (confidence >= threshold).astype(np.float64) * scope
     accepted = counts @ keep
-    right = counts @ (keep * correct)
+    right = counts @ (keep * hits)
     with np.errstate(invalid="ignore", divide="ignore"):
         replicates = np.where(accepted > 0, right / accepted, np.nan)
     replicates = replicates[np.isfinite(replicates)]
@@ -66,13 +87,14 @@ def _describe(key: str) -> str:
     return "the clean test set"
 
 
-def _sentence(target: float, clean: dict[str, Any], worst: dict[str, Any] | None) -> str:
+def _sentence(target: float, clean: dict[str, Any], worst: dict[str, Any] | None,
+              what: str = "accuracy") -> str:
     if clean["threshold"] is None or clean["accepted_value"] is None:
-        return (f"No confidence threshold keeps accepted predictions at {target:.0%} accuracy on "
+        return (f"No confidence threshold keeps accepted predictions at {target:.0%} {what} on "
                 "the calibration split: every prediction would need review.")
-    text = (f"To keep accepted predictions at {target:.0%} accuracy, "
+    text = (f"To keep accepted predictions at {target:.0%} {what}, "
             f"{clean['referred']:.0%} of cases would be referred to a clinician on images like "
-            f"the training data (accepted accuracy {clean['accepted_value']:.0%})")
+            f"the training data (accepted {what} {clean['accepted_value']:.0%})")
     if worst is not None and worst["accepted_value"] is not None:
         text += (f"; under {_describe(worst['condition'])} accepted predictions drop to "
                  f"{worst['accepted_value']:.0%} with {worst['referred']:.0%} referred")
@@ -81,26 +103,41 @@ def _sentence(target: float, clean: dict[str, Any], worst: dict[str, Any] | None
 
 def referral_report(calibration_probs: np.ndarray, calibration_labels: np.ndarray,
                     conditions: dict[str, tuple[np.ndarray, np.ndarray]], target: float,
-                    score: str = "msp", n_boot: int = 1000, seed: int = 0
+                    score: str = "msp", n_boot: int = 1000, seed: int = 0,
+                    metric: str = "accuracy", positive: int | None = None,
+                    positive_name: str | None = None,
                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Learn the referral threshold and apply it to every condition.
 
+    `metric` is what the accepted predictions must reach: "accuracy", or "sensitivity" for the
+    class `positive` (the accepted positive cases that the model calls positive).
+
     Returns the report section (target, threshold, one row per condition, risk-coverage curves,
-    a plain sentence) and the candidate findings where the accepted accuracy falls below the
-    target (effect = target − accepted accuracy; one-sided bootstrap p-value, doubled).
+    a plain sentence) and the candidate findings where the accepted value falls below the
+    target (effect = target − accepted value; one-sided bootstrap p-value, doubled).
     """
+    if metric not in ("accuracy", "sensitivity"):
+        raise ValueError(f"referral metric {metric!r} is invalid: use accuracy or sensitivity")
+    if metric == "sensitivity" and positive is None:
+        raise ValueError("a sensitivity referral target needs context.positive_class")
+    what = "accuracy" if metric == "accuracy" else f"sensitivity for {positive_name or positive}"
+
     cal_confidence = confidence_scores(calibration_probs, score)
-    cal_correct = (calibration_probs.argmax(axis=1) == calibration_labels).astype(float)
-    rule = referral_threshold(cal_confidence, cal_correct, target)
+    cal_hits, cal_scope = _hits_and_scope(calibration_probs, calibration_labels, metric, positive)
+    # Among the rows that count, the lowest feasible threshold also refers the fewest rows
+    # overall, because the share referred only grows with the threshold.
+    in_scope = cal_scope > 0
+    rule = referral_threshold(cal_confidence[in_scope], cal_hits[in_scope], target)
 
     rows, candidates, curves = [], [], {}
     for key, (probs, labels) in conditions.items():
         confidence = confidence_scores(probs, score)
         correct = (probs.argmax(axis=1) == labels).astype(float)
+        hits, scope = _hits_and_scope(probs, labels, metric, positive)
         applied = apply_referral(confidence, correct, rule.threshold)
-        low, high, replicates = _accepted_accuracy_interval(confidence, correct, rule.threshold,
-                                                            n_boot, seed)
-        value = None if math.isnan(applied.accepted_accuracy) else applied.accepted_accuracy
+        low, high, replicates = _accepted_interval(confidence, hits, scope, rule.threshold,
+                                                   n_boot, seed)
+        value = _accepted_value(confidence, hits, scope, rule.threshold)
         rows.append({"condition": key, "threshold": rule.threshold,
                      "referred": applied.referred_share, "accepted_value": value,
                      "low": low, "high": high, "n": int(len(labels)),
@@ -109,16 +146,17 @@ def referral_report(calibration_probs: np.ndarray, calibration_labels: np.ndarra
         if value is not None and high is not None and high < target and key != "clean":
             p_value = min(1.0, 2 * (np.sum(replicates >= target) + 1) / (replicates.size + 1))
             candidates.append({
-                "kind": "failure_detection", "condition": key, "metric": "referral_accuracy",
+                "kind": "failure_detection", "condition": key, "metric": f"referral_{metric}",
                 "effect": float(target - value), "low": float(target - high),
                 "high": float(target - low), "p_value": float(p_value),
                 "summary": (f"The referral rule learned in distribution (refer below confidence "
                             f"{rule.threshold:.2f}) keeps accepted predictions at only "
-                            f"{value:.0%} accuracy under {_describe(key)} (95% CI {low:.0%} to "
+                            f"{value:.0%} {what} under {_describe(key)} (95% CI {low:.0%} to "
                             f"{high:.0%}; target {target:.0%}); {applied.referred_share:.0%} "
                             "referred."),
                 "evidence": {"threshold": rule.threshold, "target": target,
-                             "accepted_accuracy": value, "referred": applied.referred_share},
+                             "target_metric": metric, "accepted_value": value,
+                             "referred": applied.referred_share},
             })
 
     by_key = {row["condition"]: row for row in rows}
@@ -126,15 +164,18 @@ def referral_report(calibration_probs: np.ndarray, calibration_labels: np.ndarra
                and not r["condition"].startswith(("subgroup:", "site:"))]
     worst = sorted(shifted, key=lambda r: r["accepted_value"])
     keep_curves = ["clean"] + [r["condition"] for r in worst[:WORST_CURVES]]
-    clean = by_key.get("clean", {"threshold": rule.threshold, "referred": rule.referred_share,
-                                 "accepted_value": rule.accepted_accuracy})
+    calibration_referred = (1.0 if rule.threshold is None
+                            else float(np.mean(cal_confidence < rule.threshold)))
+    calibration_value = _accepted_value(cal_confidence, cal_hits, cal_scope, rule.threshold)
+    clean = by_key.get("clean", {"threshold": rule.threshold, "referred": calibration_referred,
+                                 "accepted_value": calibration_value})
     report = {
-        "target": target, "target_metric": "accuracy", "score": score,
-        "threshold": rule.threshold, "calibration_referred": rule.referred_share,
-        "calibration_accepted_accuracy": None if math.isnan(rule.accepted_accuracy)
-        else rule.accepted_accuracy,
+        "target": target, "target_metric": metric, "positive_class": positive_name,
+        "score": score, "threshold": rule.threshold,
+        "calibration_referred": calibration_referred,
+        "calibration_accepted_value": calibration_value,
         "reason": rule.reason,
-        "sentence": _sentence(target, clean, worst[0] if worst else None),
+        "sentence": _sentence(target, clean, worst[0] if worst else None, what),
         "rows": rows,
         "curves": {k: curves[k] for k in keep_curves if k in curves},
     }

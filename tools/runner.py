@@ -449,10 +449,15 @@ class AuditRunner:
                 continue
             stored = self.store.predictions(self.audit_id, condition.key)
             conditions[condition.key] = (stored["probs"], stored["labels"])
-        target = self.spec.context.referral_target or DEFAULT_REFERRAL_TARGET
+        context = self.spec.context
+        target = context.referral_target or DEFAULT_REFERRAL_TARGET
+        positive = (self.classes.index(context.positive_class)
+                    if context.positive_class in self.classes else None)
         report, candidates = referral_report(
             self._calibration_split_probs(), self.inputs.calibration.labels, conditions, target,
-            n_boot=self.settings.bootstrap, seed=self.settings.seed)
+            n_boot=self.settings.bootstrap, seed=self.settings.seed,
+            metric=context.referral_metric, positive=positive,
+            positive_name=context.positive_class)
         self.store.save_artifact(self.audit_id, "referral", report)
         self.store.save_artifact(self.audit_id, "referral_candidates", candidates)
         self.progress("Referral rule", 1, 1)

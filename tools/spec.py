@@ -90,6 +90,8 @@ class Context(_Strict):
     costlier_error: Literal["false_negative", "false_positive", "equal"] | None = None
     ordinal: bool | None = None
     referral_target: float | None = Field(None, gt=0, le=1)
+    # What the accepted predictions must reach: accuracy, or sensitivity for positive_class.
+    referral_metric: Literal["accuracy", "sensitivity"] = "accuracy"
     cost_matrix: list[list[float]] | None = None
 
 

@@ -108,15 +108,23 @@ def _calibration_view(data: dict, lookup: Lookup) -> dict | None:
     return {"summary": summary, "sentence": calibration.get("sentence"), "rows": rows}
 
 
+CONFIDENCE_SCORE_NAMES = {"msp": "maximum softmax probability",
+                          "entropy": "negative predictive entropy",
+                          "margin": "margin between the top two classes"}
+
+
 def _referral_view(data: dict, lookup: Lookup) -> dict | None:
     referral = data.get("referral")
     if not referral:
         return None
     target_metric = str(referral.get("target_metric", "accuracy"))
+    if target_metric == "sensitivity" and referral.get("positive_class"):
+        target_metric = f"sensitivity for {referral['positive_class']}"
+    score = str(referral.get("score", ""))
+    score_words = CONFIDENCE_SCORE_NAMES.get(score, pretty_name(score))
     summary = (f"Target: accepted predictions at {fmt_percent(referral.get('target'))} "
                f"{target_metric}, with predictions below the confidence threshold "
-               f"{fmt(referral.get('threshold'))} ({pretty_name(str(referral.get('score', '')))})"
-               " referred to a clinician.")
+               f"{fmt(referral.get('threshold'))} ({score_words}) referred to a clinician.")
     rows = []
     for item in referral.get("rows") or []:
         condition = lookup.conditions.get(item.get("condition"))
