@@ -69,8 +69,9 @@ def describe(loaded: Loaded, group_column: str | None = None) -> DatasetInfo:
         # a column with many distinct values may hold identifiers.
         top = {} if numeric or distinct > MAX_DESCRIBED_VALUES else {
             str(k): int(v) for k, v in series.value_counts().items()}
+        maximum = float(series.max()) if numeric and series.notna().any() else None
         columns.append(ColumnSummary(name=str(name), numeric=numeric, distinct=distinct,
-                                     top_values=top))
+                                     top_values=top, max_value=maximum))
     return DatasetInfo(
         classes=list(dataset.classes),
         class_counts={c: int(counts.get(i, 0)) for i, c in enumerate(dataset.classes)},

@@ -19,6 +19,7 @@ class ColumnSummary(BaseModel):
     distinct: int
     # Up to 20 most common values with their counts; aggregate only, never a patient row.
     top_values: dict[str, int] = {}
+    max_value: float | None = None  # numeric columns only
 
 
 class DatasetInfo(BaseModel):

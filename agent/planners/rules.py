@@ -204,7 +204,7 @@ def choose_subgroups(info: DatasetInfo) -> tuple[list[SubgroupChoice], str | Non
         column = columns.get(name)
         if column is None or column.name == site:
             continue
-        bands = AGE_BANDS if name == "age" and column.numeric else None
+        bands = age_bands(column.max_value) if name == "age" and column.numeric else None
         subgroups.append(SubgroupChoice(column=column.name, bands=bands, reason=(
             f"Performance can differ by {column.name}; each group is compared with the rest "
             "of the test set.")))
@@ -235,6 +235,12 @@ def choose_reweight(info: DatasetInfo, site: str | None) -> list[ReweightChoice]
                            target={value: share for value in column.top_values},
                            reason=f"Every {site} weighted equally, as a deployment spread evenly "
                            "over the sites would be; the effective sample size is reported.")]
+
+
+def age_bands(oldest: float | None) -> list[float]:
+    """Age band edges, the last one just above the oldest patient so it reads "75-85"."""
+    top = AGE_BANDS[-1] if oldest is None else max(int(oldest) + 1, AGE_BANDS[-2] + 1)
+    return [*AGE_BANDS[:-1], top]
 
 
 def estimate_cost(plan: AuditPlan, info: DatasetInfo, n_boot: int) -> PlanCost:

@@ -244,6 +244,11 @@ class Lookup:
         return None
 
     def column_label(self, metric: str, params: dict) -> str:
+        classes = (self.data.get("model") or {}).get("classes") or []
+        index = (params or {}).get("positive_class")
+        if isinstance(index, int) and 0 <= index < len(classes):
+            # Name the class rather than its column index in the model's output.
+            params = {**params, "positive_class": classes[index]}
         extra = fmt_params(params)
         return f"{self.display(metric)} ({extra})" if extra else self.display(metric)
 

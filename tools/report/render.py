@@ -191,11 +191,12 @@ def _plan_view(data: dict, lookup: Lookup) -> dict:
     cost = plan.get("cost") or {}
     cost_text = ""
     if cost:
+        seconds = cost.get("estimated_seconds")
+        seconds_text = f"{seconds:.0f}" if is_number(seconds) else "?"
         cost_text = (f"{cost.get('conditions', '?')} conditions, "
                      f"{cost.get('images_predicted', '?')} images predicted, about "
-                     f"{cost.get('estimated_seconds', '?')} s (estimate).")
-        if cost.get("note"):
-            cost_text += f" {cost['note']}"
+                     f"{seconds_text} s (estimate")
+        cost_text += f"; {cost['note']})." if cost.get("note") else ")."
     return {
         "primary": lookup.display(plan.get("primary_metric", "")),
         "primary_reason": plan.get("primary_reason") or "",
