@@ -254,7 +254,7 @@ def augment_and_retrain(request: AugmentRetrainInput, progress: Progress | None 
 
 
 def describe_recovery(result: AugmentRetrainOutput) -> dict[str, Any]:
-    """A short aggregate summary for the planner and the terminal."""
+    """Summarise the recovery in aggregate numbers for the planner and the terminal."""
     return {
         "metric": result.metric,
         "shifts_trained_against": [s.shift for s in result.policy.steps],

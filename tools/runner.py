@@ -31,7 +31,7 @@ DEFAULT_REFERRAL_TARGET = 0.95
 
 @dataclass
 class AuditInputs:
-    """What the runner needs besides the spec: the loaded model and the evaluation data."""
+    """Inputs of an audit run besides the spec: the loaded model and the evaluation data."""
 
     classifier: Any  # tools.models.Classifier
     test: Any  # tools.data.Dataset, the test split
