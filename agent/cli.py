@@ -117,6 +117,8 @@ def print_plan(plan) -> None:
         table.add_row("site", plan.site_column, "evaluated per site, no retraining")
     for mix in plan.prevalence:
         table.add_row("prevalence", mix.name, mix.reason)
+    for choice in plan.reweight:
+        table.add_row("reweight", f"{choice.column} ({choice.name})", choice.reason)
     console.print(table)
     if plan.cost:
         console.print(f"Cost: {plan.cost.conditions} conditions, {plan.cost.images_predicted} "
