@@ -454,7 +454,7 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
         if kind == "shift":
             entry = shifts.setdefault(shift_name(condition), {"ok": [], "bad": []})
             entry["bad" if key in by_condition else "ok"].append(condition.get("severity"))
-        elif kind in ("subgroup", "site", "external", "prevalence"):
+        elif kind in ("subgroup", "site", "external", "prevalence", "reweight"):
             column, value = condition_parts(condition)
             label = value if kind in ("subgroup", "site") else condition_label(condition)
             column = column if kind in ("subgroup", "site") else kind
