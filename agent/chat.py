@@ -199,9 +199,9 @@ def chat(
                                          "(default: $CLINAUDIT_STORE, else ./clinaudit.duckdb)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
                                        "(default: audits/<audit id>/)."),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Chat model of the "
-                                            "planner [default: $CLINAUDIT_LLM_MODEL; without "
-                                            "one the offline rules planner runs]."),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name of the "
+                                            "LLM planner (default: $CLINAUDIT_LLM_MODEL; without "
+                                            "one the offline rules planner runs)."),
     llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="OpenAI-compatible "
                                                "endpoint (default: $OPENAI_BASE_URL)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Audit id of an interrupted "

@@ -1,7 +1,7 @@
 """The audit flow as a langgraph StateGraph: interview -> plan -> run -> findings -> report.
 
 Nodes are small functions of the state. What must not be checkpointed (the planner object, the
-progress callback, the function that asks the user, the confirmation prompt) travels in the
+progress callback, the function that prompts the user, the confirmation prompt) travels in the
 run's `configurable` config instead of the state.
 """
 
@@ -22,7 +22,7 @@ def _options(config: RunnableConfig | None) -> dict[str, Any]:
 
 
 def _spec(state: AuditState) -> AuditSpec:
-    """The spec, with the context as the interview completed it."""
+    """Return the spec, with the context as the interview completed it."""
     spec = spec_from_dict(state["spec"], Path(state.get("spec_base", ".")))
     if state.get("context"):
         spec.context = Context.model_validate(state["context"])
@@ -79,7 +79,7 @@ def plan(state: AuditState, config: RunnableConfig | None = None) -> dict[str, A
         # `--resume AUDIT_ID` finds both the conversation and the stored conditions.
         with Store(state["store_path"]) as store:
             audit_id = state.get("audit_id")
-            if audit_id is None or audit_id not in {a["id"] for a in store.list_audits()}:
+            if audit_id is None or not store.has_audit(audit_id):
                 spec_json = spec.model_copy(update={"context": context}).model_dump(mode="json")
                 loaded = resources.load(spec)
                 update["audit_id"] = store.create_audit(

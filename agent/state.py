@@ -1,4 +1,4 @@
-"""What the audit graph carries between nodes, and what a planner is allowed to see.
+"""State the audit graph carries between nodes, and the view of the data a planner may see.
 
 The state holds only JSON-serialisable values so the langgraph checkpointer can persist it.
 Loaded models and images are kept out of it (see `agent.resources`).
@@ -36,7 +36,7 @@ class DatasetInfo(BaseModel):
     externals: list[str] = []
 
 
-# ask(question, field, choices) -> the user's answer; None where nobody can be asked.
+# ask(question, field, choices) -> the user's reply. It is None when no user can be prompted.
 AskFn = Callable[[str, str, list[str] | None], str]
 
 

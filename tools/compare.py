@@ -1,8 +1,8 @@
 """Compare two audits of a model: which whole-set metrics got better or worse, per condition.
 
-Both audits' per-image predictions are in the store, so the change gets a bootstrap interval:
-paired when the two conditions hold the same images in the same order (a mitigated model
-re-audited on the same test set), unpaired otherwise (a later monitoring batch).
+Both audits' per-image predictions are in the store, so the change gets a bootstrap interval.
+It is paired when the two conditions contain the same images in the same order (a mitigated
+model re-audited on the same test set), and unpaired otherwise (a later monitoring batch).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def compare_audits(store: Store, audit_a: str, audit_b: str, n_boot: int = 1000,
     q-value, verdict.
 
     A change is "better" or "worse" only when its 95 % interval excludes zero and it survives
-    Benjamini–Hochberg at level `fdr` over every row of the comparison; otherwise it is
+    Benjamini–Hochberg at level `fdr` over every row of the comparison. Every other row is
     "no clear change".
     """
     from scipy.stats import false_discovery_control
@@ -66,5 +66,8 @@ def compare_audits(store: Store, audit_a: str, audit_b: str, n_boot: int = 1000,
             higher_is_better = REGISTRY[row["metric"]].higher_is_better
             improved = row["low"] > 0 if higher_is_better else row["high"] < 0
             worsened = row["high"] < 0 if higher_is_better else row["low"] > 0
-            row["verdict"] = "better" if improved else "worse" if worsened else row["verdict"]
+            if improved:
+                row["verdict"] = "better"
+            elif worsened:
+                row["verdict"] = "worse"
     return rows

@@ -1,5 +1,5 @@
 """The referral rule: below which confidence a prediction goes to a clinician, and whether the
-rule learned in distribution still holds under shift.
+rule learned in distribution still reaches its target under shift.
 
 The threshold is learned on the calibration split (so the test set stays unseen) as the one that
 refers the fewest predictions while the accepted ones reach the target accuracy. It is then

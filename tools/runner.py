@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tools.spec import AuditPlan, AuditSpec
+from tools.spec import AuditPlan, AuditSpec, SpecError
 from tools.store import Condition, DifferenceRow, ResultRow, Store
 
 # (task description, done, total); the CLI turns it into progress bars.
@@ -191,20 +191,22 @@ class AuditRunner:
             return
         self._contact_sheet(images)
 
-        n = len(labels)
-        total = len(jobs) * n
-        done_rows = 0
-        buffers: dict[tuple[str, int], np.ndarray] = {}
         started = time.perf_counter()
         with _cores_left_for_worker():
-            self._shift_loop(images, labels, clean_probs, jobs, buffers, n, total, done_rows)
+            self._shift_loop(images, labels, clean_probs, jobs)
         self.timings["shift_seconds"] = time.perf_counter() - started
 
-    def _shift_loop(self, images, labels, clean_probs, jobs, buffers, n, total, done_rows) -> None:
+    def _shift_loop(self, images, labels, clean_probs, jobs: list[tuple[str, int]]) -> None:
+        """Predict the shifted batches as the worker delivers them and store each condition
+        once all its rows are in."""
         from tools.metrics import paired_bootstrap
         from tools.shifts import iter_shifted_batches
 
         test = self.inputs.test
+        n = len(labels)
+        total = len(jobs) * n
+        done_rows = 0
+        buffers: dict[tuple[str, int], np.ndarray] = {}
         for name, severity, start, batch in iter_shifted_batches(
                 images, jobs, seed=self.settings.seed, batch_size=self.settings.batch_size):
             key = (name, severity)
@@ -300,26 +302,23 @@ class AuditRunner:
                 continue
             unknown = [c for c in choice.class_mix if c not in self.classes]
             if unknown:
-                raise ValueError(f"plan.prevalence[{choice.name}]: class {unknown[0]!r} is not "
-                                 f"one of the model's classes {self.classes}")
+                raise SpecError(f"plan.prevalence[{choice.name}]: class {unknown[0]!r} is not "
+                                f"one of the model's classes {self.classes}")
             mix = {self.classes.index(c): share for c, share in choice.class_mix.items()}
             indices = prevalence_indices(labels, mix, seed=self.settings.seed)
             probs, sub_labels = clean_probs[indices], labels[indices]
-            if len(indices) < self.plan.min_subgroup_size:
-                condition = Condition(key, "prevalence", choice.name,
-                                      {"class_mix": choice.class_mix}, n=len(indices),
-                                      effective_n=float(len(indices)), too_small=True)
-                self.store.save_condition(self.audit_id, condition,
-                                          [test.ids[i] for i in indices], sub_labels, probs, [])
+            ids = [test.ids[i] for i in indices]
+            condition = Condition(key, "prevalence", choice.name,
+                                  {"class_mix": choice.class_mix}, n=len(indices),
+                                  effective_n=float(len(indices)),
+                                  too_small=len(indices) < self.plan.min_subgroup_size)
+            if condition.too_small:
+                self.store.save_condition(self.audit_id, condition, ids, sub_labels, probs, [])
                 continue
             estimates = self._bootstrap(probs, sub_labels)
             diff = unpaired_bootstrap(self.metrics, clean_probs, labels, probs, sub_labels,
                                       n_boot=self.settings.bootstrap, seed=self.settings.seed)
-            condition = Condition(key, "prevalence", choice.name,
-                                  {"class_mix": choice.class_mix}, n=len(indices),
-                                  effective_n=float(len(indices)))
-            self.store.save_condition(self.audit_id, condition, [test.ids[i] for i in indices],
-                                      sub_labels, probs,
+            self.store.save_condition(self.audit_id, condition, ids, sub_labels, probs,
                                       self._result_rows(estimates, probs, sub_labels),
                                       self._difference_rows(diff, "clean", paired=False))
 

@@ -216,9 +216,12 @@ class Store:
             merged = {**self.audit(audit_id)["meta"], **meta}
             self.con.execute("UPDATE audits SET meta = ? WHERE audit_id = ?", [_json(merged), audit_id])
 
-    def require_audit(self, audit_id: str) -> None:
+    def has_audit(self, audit_id: str) -> bool:
         row = self.con.execute("SELECT 1 FROM audits WHERE audit_id = ?", [audit_id]).fetchone()
-        if row is None:
+        return row is not None
+
+    def require_audit(self, audit_id: str) -> None:
+        if not self.has_audit(audit_id):
             raise StoreError(f"audit {audit_id} not found in {self.path}; `clinaudit runs` lists them")
 
     def audit(self, audit_id: str) -> dict[str, Any]:

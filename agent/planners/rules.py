@@ -154,8 +154,8 @@ def choose_metrics(context: Context, info: DatasetInfo) -> tuple[list[MetricChoi
         metrics.append(MetricChoice(id="average_precision", reason=(
             "One class is rare, where AUROC looks good even with many false alarms; average "
             "precision shows how many flagged cases are real.")))
-    # Failure detection is measured for every audit: a prediction is actionable only if a
-    # wrong one can be told from a right one, and under shift this breaks first.
+    # Failure detection is measured for every audit. A prediction is actionable only if a
+    # wrong one can be distinguished from a right one, and under shift this breaks first.
     metrics.append(MetricChoice(id="auroc_f", reason=(
         "Can the model's confidence tell its right answers from its wrong ones? (AUROC of "
         "correct against incorrect.)")))
@@ -212,8 +212,8 @@ def choose_subgroups(info: DatasetInfo) -> tuple[list[SubgroupChoice], str | Non
 
 
 def choose_prevalence(info: DatasetInfo) -> list[PrevalenceChoice]:
-    """A test set resampled to equal class shares: deployment sites rarely see the training
-    prevalence, and metrics such as accuracy and PPV move with it."""
+    """Choose a test set resampled to equal class shares, because deployment sites rarely see
+    the training prevalence and metrics such as accuracy and PPV move with it."""
     if len(info.classes) < 2:
         return []
     share = round(1 / len(info.classes), 6)
@@ -256,7 +256,7 @@ def estimate_cost(plan: AuditPlan, info: DatasetInfo, n_boot: int) -> PlanCost:
 
 
 class RulesPlanner:
-    """Offline planner: asks for missing context, then plans by fixed, documented rules."""
+    """Offline planner that requests the missing context, then plans by fixed, documented rules."""
 
     name = "rules"
 

@@ -115,7 +115,7 @@ def natural_frequency(rate: float) -> str:
 
     whole = round(1 / rate)
     if whole == 1:
-        # "about 1 in 1" reads as a typo; rates this high are said in tenths.
+        # "about 1 in 1" reads as a typo, so rates this high are written in tenths.
         return f"about {math.floor(rate * 10 + 0.5)} in 10" if rate < 0.95 else "almost all"
     if abs(1 / whole - rate) <= 0.1 * rate:
         return f"about 1 in {whole:,}"
@@ -371,8 +371,8 @@ def finding_view(finding: dict, lookup: Lookup, classes: list[str]) -> dict:
     consequences = []
     others = []
     for cls in classes:
-        # Only classes missed more often than on the reference are a consequence of this
-        # finding; a class missed less often is not a harm to report here.
+        # Only a class missed more often than on the reference is a consequence of this
+        # finding. A class missed less often is no harm to report here.
         if not _missed_more(lookup, key, cls):
             continue
         if not consequences:
@@ -426,10 +426,10 @@ RECALIBRATION_KINDS = {"recalibration_harms", "recalibration_overconfidence_grow
 
 
 def verdict_view(data: dict, lookup: Lookup) -> dict:
-    """The verdict box: overall light, intended use, where the model held up and where not.
+    """Build the verdict box: overall light, intended use, where the model held up and where not.
 
-    Recalibration findings are left out here: they describe the temperature-scaled model and
-    have their own section.
+    Recalibration findings are left out, because they describe the temperature-scaled model
+    and have their own section.
     """
     findings = [f for f in sorted_findings(data) if f.get("kind") not in RECALIBRATION_KINDS]
     by_condition: dict[str, list[dict]] = {}
