@@ -35,9 +35,9 @@ OutOption = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
 
 
 def store_path(option: Optional[Path]) -> Path:
-    if option is not None:
-        return option
-    return Path(os.environ.get("CLINAUDIT_STORE", "clinaudit.duckdb"))
+    from tools.store import resolve_store_path
+
+    return resolve_store_path(option)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

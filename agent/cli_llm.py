@@ -6,7 +6,6 @@ the LLM audit's options and output stay in one place.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,12 +15,6 @@ from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True)
-
-
-def _default_store(option: Path | None) -> Path:
-    if option is not None:
-        return option
-    return Path(os.environ.get("CLINAUDIT_STORE", "clinaudit.duckdb"))
 
 
 def audit_llm(
@@ -86,7 +79,7 @@ def audit_llm(
     from agent.llm_qa import LLMAuditError
     from tools.embeddings import EmbedderError
     from tools.llm_uncertainty import UncertaintyError
-    from tools.store import StoreError
+    from tools.store import StoreError, resolve_store_path
 
     settings = LLMAuditSettings(
         n_clarifications=n_clarifications, n_answers=n_answers, temperature=temperature,
@@ -117,7 +110,7 @@ def audit_llm(
 
     try:
         result = run_llm_audit(
-            qa_file, target, clarifier, settings, store_path=_default_store(store), out=out,
+            qa_file, target, clarifier, settings, store_path=resolve_store_path(store), out=out,
             progress=progress, warn=warn,
         )
     except (LLMAuditError, UncertaintyError, EmbedderError, StoreError) as error:

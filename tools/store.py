@@ -104,6 +104,15 @@ _AUDIT_TABLES = ["predictions", "results", "differences", "findings", "condition
                  "reviews"]
 
 
+def resolve_store_path(option: str | Path | None) -> Path:
+    """Return the store file: the given path, else $CLINAUDIT_STORE, else ./clinaudit.duckdb."""
+    import os
+
+    if option is not None:
+        return Path(option)
+    return Path(os.environ.get("CLINAUDIT_STORE", "clinaudit.duckdb"))
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
