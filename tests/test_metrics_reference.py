@@ -108,7 +108,10 @@ CONVENTIONS = [
 ON_BIN_EDGE = "scores on a bin edge: the engine's documented bin rule differs from the library's"
 CLASS_LEFT_OUT = "macro mean over the classes where the metric is defined, where the library gives NaN or 0"
 DEFINED_WITH_ABSENT_CLASS = "value defined with a class absent from the labels, where the library gives NaN or raises"
-CALFRAM_TIES = "CalFram-parity ECI not reproduced on these 12-row inputs full of tied scores"
+FEWER_SCORES_THAN_BINS = (
+    "fewer distinct scores than bins: the engine follows CalFram (a bin per score), "
+    "where the study's formula puts quantile edges on tied scores"
+)
 
 # Case name -> reason. Every adopted case that the engine does not match is listed here.
 EXCEPTIONS = {
@@ -145,11 +148,9 @@ EXCEPTIONS = {
     'mc_missing_class/LR+/MetricsReloaded/decision=argmax,averaging=macro one-vs-rest over K classes': CLASS_LEFT_OUT,
     'mc_missing_class/AUROC/scikit-learn/multi_class=ovr,average=macro': CLASS_LEFT_OUT,
     'mc_missing_class/AP/scikit-learn/average=macro': CLASS_LEFT_OUT,
-    'mc_single_class/ECI_global/formula/bins=10,binning=quantile (CalFram integer strategy),reduce=mean over classes': CALFRAM_TIES,
-    'mc_ties_edges/ECI_global/CalFram/bins=10,binning=quantile (CalFram integer strategy),reduce=nanmean over one-vs-rest classes, unrounded': CALFRAM_TIES,
-    'mc_ties_edges/ECI_global/formula/bins=10,binning=quantile (CalFram integer strategy),reduce=mean over classes': CALFRAM_TIES,
-    'mc_ties_edges/ECI_balance/CalFram/bins=10,reduce=nanmean over classes, unrounded': CALFRAM_TIES,
-    'mc_missing_class/ECI_global/formula/bins=10,binning=quantile (CalFram integer strategy),reduce=mean over classes': CALFRAM_TIES,
+    'mc_single_class/ECI_global/formula/bins=10,binning=quantile (CalFram integer strategy),reduce=mean over classes': FEWER_SCORES_THAN_BINS,
+    'mc_ties_edges/ECI_global/formula/bins=10,binning=quantile (CalFram integer strategy),reduce=mean over classes': FEWER_SCORES_THAN_BINS,
+    'mc_missing_class/ECI_global/formula/bins=10,binning=quantile (CalFram integer strategy),reduce=mean over classes': FEWER_SCORES_THAN_BINS,
 }
 
 
@@ -206,7 +207,7 @@ def _adopted(case: dict) -> bool:
 ADOPTED = [c for c in CASES if _adopted(c) and _exception_reason(c) is None]
 EXCEPTION_CASES = {
     reason: [c for c in CASES if _adopted(c) and _exception_reason(c) == reason]
-    for reason in (ON_BIN_EDGE, CLASS_LEFT_OUT, DEFINED_WITH_ABSENT_CLASS, CALFRAM_TIES)
+    for reason in (ON_BIN_EDGE, CLASS_LEFT_OUT, DEFINED_WITH_ABSENT_CLASS, FEWER_SCORES_THAN_BINS)
 }
 
 
@@ -413,14 +414,82 @@ def test_metric_defined_despite_absent_class(case):
         # ECI and its balance are defined for a class that never occurs (observed frequency 0).
         assert math.isfinite(result.value)
         assert set(result.extra["per_class"]) == set(range(probs.shape[1]))
+        if metric_id == "eci":
+            assert result.value == pytest.approx(_hand_eci(probs, labels, params["n_bins"]), abs=1e-12)
 
 
-@pytest.mark.parametrize("case", EXCEPTION_CASES[CALFRAM_TIES], ids=_ids(EXCEPTION_CASES[CALFRAM_TIES]))
-@pytest.mark.xfail(reason=CALFRAM_TIES, strict=True)
-def test_eci_calfram_parity_on_tied_inputs(case):
+def _hand_calfram_groups(scores: np.ndarray, n_bins: int) -> list[list[int]]:
+    """Group rows by CalFram's bins, written as plainly as possible.
+
+    With fewer distinct scores than bins, each distinct score is a group, and the top two
+    merge when the largest is exactly 1 because CalFram adds no edge above it. Otherwise the
+    edges are quantiles at min(B + 1, distinct) levels, padded with 0 and 1, and bins are
+    [l, u) over the inner edges.
+    """
+    distinct = sorted(set(scores.tolist()))
+    if len(distinct) < n_bins:
+        groups = [[i for i, s in enumerate(scores) if s == value] for value in distinct]
+        if distinct[-1] == 1.0 and len(groups) > 1:
+            groups[-2:] = [groups[-2] + groups[-1]]
+        return groups
+    edges = list(np.quantile(scores, np.linspace(0, 1, min(n_bins + 1, len(distinct)))))
+    if edges[0] > 0:
+        edges.insert(0, 0.0)
+    if edges[-1] < 1:
+        edges.append(1.0)
+    inner = edges[1:-1]
+    position = [sum(1 for e in inner if e <= s) for s in scores]
+    return [[i for i in range(len(scores)) if position[i] == b] for b in range(len(inner) + 1)]
+
+
+def _hand_eci(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    per_class = []
+    for k in range(probs.shape[1]):
+        scores = probs[:, k]
+        total = 0.0
+        for rows in _hand_calfram_groups(scores, n_bins):
+            if not rows:
+                continue
+            x = sum(scores[i] for i in rows) / len(rows)
+            y = sum(labels[i] == k for i in rows) / len(rows)
+            total += len(rows) / len(scores) * abs(y - x) / max(x, 1 - x)
+        per_class.append(1 - total)
+    return float(np.mean(per_class))
+
+
+def test_hand_eci_matches_calfram_on_ties():
+    # The hand rule is checked against CalFram itself on the one tied input where CalFram returns a value.
+    case = next(
+        c for c in CASES
+        if c["inputs"] == "mc_ties_edges" and c["metric"] == "ECI_global" and c["library"] == "CalFram"
+        and c["parameters"]["reduce"].endswith("unrounded")
+    )
+    probs, labels = _input_arrays("mc_ties_edges")
+
+    assert _hand_eci(probs, labels, 10) == pytest.approx(case["expected"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "case", EXCEPTION_CASES[FEWER_SCORES_THAN_BINS], ids=_ids(EXCEPTION_CASES[FEWER_SCORES_THAN_BINS])
+)
+def test_eci_few_distinct_scores(case):
     metric_id, params = _convention(case)
     probs, labels = _input_arrays(case["inputs"])
 
     result = compute_metric(metric_id, probs, labels, **params)
 
-    assert result.value == pytest.approx(_expected(case), abs=case["tolerance"])
+    assert result.value == pytest.approx(_hand_eci(probs, labels, params["n_bins"]), abs=1e-12)
+    assert result.value != pytest.approx(_expected(case), abs=case["tolerance"])
+
+
+@pytest.mark.parametrize("key", ["mc_random", "mc_ties_edges", "mc_missing_class"])
+@pytest.mark.parametrize("metric_id", ["eci", "eci_balance"])
+def test_calfram_eci_count_weights(key, metric_id):
+    probs, labels = _input_arrays(key)
+    counts = np.random.default_rng(3).integers(0, 3, size=labels.size)
+    repeated = np.repeat(np.arange(labels.size), counts)
+    weighted = compute_metric(metric_id, probs, labels, weights=counts.astype(float), binning="calfram")
+
+    expanded = compute_metric(metric_id, probs[repeated], labels[repeated], binning="calfram")
+
+    assert weighted.value == pytest.approx(expanded.value, abs=1e-12)

@@ -248,19 +248,37 @@ def _eci_bins(inputs, weights, k, n_bins, binning):
     targets = inputs.cached(("target", k), lambda: (inputs.labels == k).astype(np.float64))
     if binning != "calfram":
         return binned(inputs, weights, ("class", k), scores, targets, n_bins, binning)
+    index, size = _calfram_index(scores, weights, n_bins)
+    return bin_sums(index, scores, targets, weights, size)
 
-    # CalFram's integer strategy: edges at the B-quantiles padded with 0 and 1, bins [l, u),
-    # so the largest score sits in a bin of its own.
+
+def _calfram_index(scores, weights, n_bins):
+    """Compute the bin index and bin count of CalFram's integer strategy (CalFram 13f004b).
+
+    With at least B distinct scores the edges are quantiles of the scores at m evenly spaced
+    levels, m = min(B + 1, number of distinct scores); with fewer, every distinct score is an
+    edge, so each score gets a bin of its own. Edges are padded with 0 below and 1 above when
+    the scores do not reach them, and each bin is [l, u) over the inner edges. So the largest
+    score sits in a bin of its own unless it is exactly 1, in which case it shares the bin of
+    the next score down, as in CalFram. Rows of weight 0 do not count as scores.
+    """
     check_bins(n_bins, "equal_mass")
-    if np.all(weights == 1.0):
+    present = scores[weights > 0]
+    distinct = np.unique(present)
+    if distinct.size < max(n_bins, 2):
+        edges = distinct
+    elif np.all(weights == 1.0):
         # np.quantile itself, so that rounding of edges on exact scores matches CalFram.
-        quantiles = np.quantile(scores, np.linspace(0.0, 1.0, n_bins + 1))
+        edges = np.quantile(scores, np.linspace(0.0, 1.0, min(n_bins + 1, distinct.size)))
     else:
         order = np.argsort(scores, kind="stable")
-        quantiles = equal_mass_edges(scores[order], weights[order], n_bins)
-    edges = np.concatenate(([0.0], quantiles, [1.0]))
-    index = np.searchsorted(edges, scores, side="right")
-    return bin_sums(index, scores, targets, weights, edges.size + 1)
+        edges = equal_mass_edges(scores[order], weights[order], min(n_bins, distinct.size - 1))
+    if edges[0] > 0.0:
+        edges = np.concatenate(([0.0], edges))
+    if edges[-1] < 1.0:
+        edges = np.concatenate((edges, [1.0]))
+    inner = edges[1:-1]
+    return np.searchsorted(inner, scores, side="right"), inner.size + 1
 
 
 def _eci_distances(count, score_sum, target_sum):
@@ -293,8 +311,11 @@ def eci(inputs: MetricInputs, weights: np.ndarray, n_bins: int = 10, binning: st
     gaps d_b = |ȳ_b − x̄_b| / max(x̄_b, 1 − x̄_b); ECI_k = 1 − Σ_b (n_b/n) d_b and ECI is the
     mean over all K classes. This closed form equals CalFram's triangle construction. Binning:
     equal width or equal mass as in ``ece_top_label``, or "calfram" for CalFram's integer
-    strategy (quantile edges padded with 0 and 1, left-closed), which CalFram calls equal
-    width. CalFram also rounds to 3 decimals; this value is unrounded.
+    strategy (quantile edges padded with 0 and 1, left-closed, and a bin per distinct score
+    when there are fewer distinct scores than bins; see ``_calfram_index``), which CalFram
+    calls equal width. The "calfram" values follow CalFram 13f004b. A plain quantile formula
+    differs from them where a class column has fewer distinct scores than bins, because it
+    puts edges on the tied scores. CalFram also rounds to 3 decimals; this value is unrounded.
     """
     _check_eci_binning(binning)
     per_class = {}
