@@ -104,7 +104,7 @@ def main() -> None:
         lambda: compute_metric("auroc", probs, labels).value,
         lambda: roc_auc_score(labels, probs, multi_class="ovr", average="macro"),
         "scikit-learn",
-        1,
+        args.repeats,
     )
 
     print("\nkernel calibration error (no peer installed)")

@@ -60,6 +60,51 @@ def test_rows_not_summing_to_one_raise_unless_renormalised():
     assert renormalised.value == pytest.approx(compute_metric("nll", probs, labels).value)
 
 
+def _large_tied_data():
+    """Build enough rows for the torch row reductions, every fifth a tie between classes 1 and 3."""
+    from tools.metrics._inputs import TORCH_ROW_SIZE
+
+    probs, labels = _data(n=TORCH_ROW_SIZE // 4 + 100, k=4, seed=5)
+    probs[::5] = [0.1, 0.35, 0.2, 0.35]
+    return probs, labels
+
+
+def test_large_input_tie_goes_first():
+    from tools.metrics._inputs import MetricInputs
+
+    probs, labels = _large_tied_data()
+
+    inputs = MetricInputs.from_raw(probs, labels)
+
+    assert np.array_equal(inputs.predicted, np.argmax(probs, axis=1))
+    assert np.array_equal(inputs.confidence, probs.max(axis=1))
+    assert (inputs.predicted[::5] == 1).all()
+
+
+def test_large_read_only_and_strided_inputs():
+    probs, labels = _large_tied_data()
+    expected = float(np.mean(np.argmax(probs, axis=1) == labels))
+    read_only = probs.copy()
+    read_only.setflags(write=False)
+    reversed_rows = probs[::-1]
+
+    assert compute_metric("accuracy", read_only, labels).value == pytest.approx(expected, abs=1e-15)
+    assert compute_metric("accuracy", reversed_rows, labels[::-1]).value == pytest.approx(expected, abs=1e-15)
+
+
+def test_large_input_bad_values_name_row():
+    probs, labels = _large_tied_data()
+    with_nan = probs.copy()
+    with_nan[30_000, 2] = np.nan
+    off = probs.copy()
+    off[30_001] *= 1.01
+
+    with pytest.raises(MetricError, match="probs row 30000 contains NaN"):
+        compute_metric("ece_top_label", with_nan, labels)
+    with pytest.raises(MetricError, match="probs row 30001 sums to"):
+        compute_metric("ece_top_label", off, labels)
+
+
 def test_logits_are_not_softmaxed():
     probs, labels = _data()
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 
 import numpy as np
 
 ROW_SUM_TOLERANCE = 1e-6
+# From this many entries the minimum, row sums and row maximum run in torch, which vectorises
+# short rows and uses its thread pool, where numpy reduces one short row at a time.
+TORCH_ROW_SIZE = 1 << 17
 
 
 class MetricError(ValueError):
@@ -24,6 +28,27 @@ def _raise_first_bad_row(array: np.ndarray, name: str) -> None:
     if not finite[row]:
         raise MetricError(f"{name} row {row} contains NaN or inf: {array[row].tolist()}")
     raise MetricError(f"{name} row {row} contains a negative value: {array[row].tolist()}")
+
+
+def _as_tensor(array: np.ndarray):
+    """Return a torch view of a float64 array, copying only arrays torch cannot view."""
+    import torch
+
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        # The tensor is only read, so torch's warning about writing to a read-only array does not apply.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _min_and_row_sums(array: np.ndarray) -> tuple[float, np.ndarray]:
+    """Return the smallest entry (NaN if any entry is NaN) and the sum of each row."""
+    if array.size >= TORCH_ROW_SIZE:
+        tensor = _as_tensor(array)
+        return float(tensor.min()), tensor.sum(dim=1).numpy()
+    # einsum sums short rows several times faster than sum(axis=1).
+    return float(array.min()), np.einsum("ij->i", array)
 
 
 def validate_probs(probs, name: str = "probs", renormalise: bool = False) -> np.ndarray:
@@ -45,14 +70,14 @@ def validate_probs(probs, name: str = "probs", renormalise: bool = False) -> np.
         raise MetricError(f"{name} has no rows")
 
     # The global minimum catches NaN and negative values (NaN >= 0 is False) and the row
-    # sums catch inf; both are single fast passes, and the bad row is located only on failure.
-    # A matrix-vector product sums short rows much faster than sum(axis=1).
-    sums = array @ np.ones(array.shape[1])
-    if not array.min() >= 0 or not np.isfinite(sums).all():
+    # sums catch inf. These are single fast passes, and the bad row is located only on failure.
+    smallest, sums = _min_and_row_sums(array)
+    largest_sum = sums.max()
+    if not smallest >= 0 or not np.isfinite(largest_sum):
         _raise_first_bad_row(array, name)
 
-    off = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
-    if off.any():
+    if not (sums.min() >= 1.0 - ROW_SUM_TOLERANCE and largest_sum <= 1.0 + ROW_SUM_TOLERANCE):
+        off = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
         row = _first_bad_row(off)
         if not renormalise:
             raise MetricError(
@@ -80,7 +105,7 @@ def validate_labels(labels, n: int, n_classes: int, name: str = "labels") -> np.
             raise MetricError(f"{name} row {row} is {raw[row]!r}, not an integer class index")
     elif raw.dtype.kind not in "iub":
         raise MetricError(f"{name} must hold integer class indices, got dtype {raw.dtype}")
-    array = raw.astype(np.int64)
+    array = raw.astype(np.int64, copy=False)
     outside = (array < 0) | (array >= n_classes)
     if outside.any():
         row = _first_bad_row(outside)
@@ -127,14 +152,24 @@ class MetricInputs:
         return cls(checked, validate_labels(labels, checked.shape[0], checked.shape[1]))
 
     @cached_property
+    def _row_max(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the maximum probability of each row and the first column that reaches it."""
+        if self.probs.size < TORCH_ROW_SIZE:
+            predicted = np.argmax(self.probs, axis=1)
+            return self.probs[np.arange(self.n), predicted], predicted
+        # Both numpy and torch return the first index of a tied maximum.
+        values, indices = _as_tensor(self.probs).max(dim=1)
+        return values.numpy(), indices.numpy()
+
+    @property
     def predicted(self) -> np.ndarray:
         """Argmax class per row; ties go to the first index."""
-        return np.argmax(self.probs, axis=1)
+        return self._row_max[1]
 
-    @cached_property
+    @property
     def confidence(self) -> np.ndarray:
         """Maximum probability per row."""
-        return self.probs[np.arange(self.n), self.predicted]
+        return self._row_max[0]
 
     @cached_property
     def correct(self) -> np.ndarray:

@@ -26,11 +26,10 @@ def equal_width_index(scores: np.ndarray, n_bins: int) -> np.ndarray:
     score written as a decimal edge such as 0.6 or 0.29 (B = 100) opens the bin above it even
     though its binary floating-point value may be a little below the edge.
     """
-    scaled = scores * n_bins
-    nearest = np.rint(scaled)
-    on_edge = np.abs(scaled - nearest) <= EDGE_TOLERANCE
-    index = np.where(on_edge, nearest, np.floor(scaled)).astype(np.int64)
-    return np.minimum(index, n_bins - 1)
+    # floor(s·B + tol) is the edge rule above in one pass: it moves only scores within tol
+    # below an integer up to it. Scores are non-negative, so truncation is the floor.
+    index = (scores * n_bins + EDGE_TOLERANCE).astype(np.int64)
+    return np.minimum(index, n_bins - 1, out=index)
 
 
 def equal_mass_edges(ordered: np.ndarray, ordered_weights: np.ndarray, n_bins: int) -> np.ndarray:
@@ -77,6 +76,11 @@ def equal_mass_index(scores: np.ndarray, weights: np.ndarray, n_bins: int, order
 
 def bin_sums(index: np.ndarray, scores: np.ndarray, targets: np.ndarray, weights: np.ndarray, n_bins: int):
     """Per-bin total weight, weighted score sum and weighted target sum."""
+    if (weights == 1.0).all():
+        count = np.bincount(index, minlength=n_bins).astype(np.float64)
+        score_sum = np.bincount(index, weights=scores, minlength=n_bins)
+        target_sum = np.bincount(index, weights=targets, minlength=n_bins)
+        return count, score_sum, target_sum
     count = np.bincount(index, weights=weights, minlength=n_bins)
     score_sum = np.bincount(index, weights=weights * scores, minlength=n_bins)
     target_sum = np.bincount(index, weights=weights * targets, minlength=n_bins)

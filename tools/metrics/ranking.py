@@ -43,11 +43,14 @@ def _roc_points(inputs: MetricInputs, column: int, weights: np.ndarray, uniform:
     """
     order, target, run_ends = _sorted_scores(inputs, column)
     if uniform:
-        return inputs.cached(
-            ("unit_roc_points", column),
-            lambda: weighted_roc_points(order, target, run_ends, np.ones(inputs.n)),
-        )
+        return inputs.cached(("unit_roc_points", column), lambda: _unit_roc_points(target, run_ends))
     return weighted_roc_points(order, target, run_ends, weights)
+
+
+def _unit_roc_points(target, run_ends):
+    """Return ``weighted_roc_points`` for unit weights, where row counts replace weight sums."""
+    tp = np.cumsum(target)[run_ends]
+    return tp, (run_ends + 1.0) - tp
 
 
 def binary_auroc(tp: np.ndarray, fp: np.ndarray) -> float:
