@@ -106,8 +106,8 @@ def validate_labels(labels, n: int, n_classes: int, name: str = "labels") -> np.
     elif raw.dtype.kind not in "iub":
         raise MetricError(f"{name} must hold integer class indices, got dtype {raw.dtype}")
     array = raw.astype(np.int64, copy=False)
-    outside = (array < 0) | (array >= n_classes)
-    if outside.any():
+    if array.min() < 0 or array.max() >= n_classes:
+        outside = (array < 0) | (array >= n_classes)
         row = _first_bad_row(outside)
         raise MetricError(
             f"{name} has {int(outside.sum())} values outside 0..{n_classes - 1} "
