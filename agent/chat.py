@@ -13,7 +13,7 @@ import csv
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -70,8 +70,8 @@ def data_section(folder: Path, ask_choice=None) -> dict[str, Any]:
             "group_column": group}
 
 
-def build_spec(spec_file: Optional[Path], data: Optional[Path], arch: Optional[str],
-               checkpoint: Optional[Path], torchscript: Optional[Path],
+def build_spec(spec_file: Path | None, data: Path | None, arch: str | None,
+               checkpoint: Path | None, torchscript: Path | None,
                audit_overrides: dict[str, Any], ask_choice=None):
     """Return (spec, base folder) from a spec file and/or the model and data options."""
     from tools.spec import load_spec, spec_from_dict
@@ -178,42 +178,42 @@ def _confirm_with(assume_yes: bool):
     return confirm
 
 
-def _parse_list(text: Optional[str], cast=str) -> list | None:
+def _parse_list(text: str | None, cast=str) -> list | None:
     if not text:
         return None
     return [cast(item.strip()) for item in text.split(",") if item.strip()]
 
 
 def chat(
-    spec_file: Optional[Path] = typer.Option(None, "--spec", help="Audit spec (YAML); its "
+    spec_file: Path | None = typer.Option(None, "--spec", help="Audit spec (YAML); its "
                                              "context may be incomplete."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder: a CSV manifest "
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder: a CSV manifest "
                                         "(metadata.csv) and an images/ folder."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture of --checkpoint "
+    arch: str | None = typer.Option(None, "--arch", help="timm architecture of --checkpoint "
                                        "(default: from the model card beside it)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict of the "
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="State dict of the "
                                               "classifier."),
-    torchscript: Optional[Path] = typer.Option(None, "--torchscript", help="TorchScript "
+    torchscript: Path | None = typer.Option(None, "--torchscript", help="TorchScript "
                                                "classifier file."),
-    store: Optional[Path] = typer.Option(None, "--store", help="DuckDB file of audits "
+    store: Path | None = typer.Option(None, "--store", help="DuckDB file of audits "
                                          "(default: $CLINAUDIT_STORE, else ./clinaudit.duckdb)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
+    out: Path | None = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
                                        "(default: audits/<audit id>/)."),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name of the "
+    llm_model: str | None = typer.Option(None, "--llm-model", help="Model name of the "
                                             "LLM planner (default: $CLINAUDIT_LLM_MODEL; without "
                                             "one the offline rules planner runs)."),
-    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="OpenAI-compatible "
+    llm_base_url: str | None = typer.Option(None, "--llm-base-url", help="OpenAI-compatible "
                                                "endpoint (default: $OPENAI_BASE_URL)."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Audit id of an interrupted "
+    resume: str | None = typer.Option(None, "--resume", help="Audit id of an interrupted "
                                          "chat to continue (with the same --store, and "
                                          "--llm-model to keep the LLM planner)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (overrides the spec)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass."),
-    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap replicates per interval."),
-    max_images: Optional[int] = typer.Option(None, help="Audit at most this many test images."),
-    shifts: Optional[str] = typer.Option(None, help="Comma-separated shift names to keep "
+    device: str | None = typer.Option(None, help="auto, cpu or cuda (overrides the spec)."),
+    batch_size: int | None = typer.Option(None, help="Images per forward pass."),
+    bootstrap: int | None = typer.Option(None, help="Bootstrap replicates per interval."),
+    max_images: int | None = typer.Option(None, help="Audit at most this many test images."),
+    shifts: str | None = typer.Option(None, help="Comma-separated shift names to keep "
                                          "(default: all the planner chooses)."),
-    severities: Optional[str] = typer.Option(None, help="Comma-separated severities (1..5) "
+    severities: str | None = typer.Option(None, help="Comma-separated severities (1..5) "
                                              "for every shift (default: the planner's)."),
     yes: bool = typer.Option(False, "--yes", help="Run the plan without asking to confirm it."),
 ) -> None:

@@ -13,9 +13,10 @@ import sys
 # Torch's OpenMP threads otherwise spin while waiting, which on a small shared CPU slows
 # training and inference several-fold. It only takes effect before torch is first imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Self
 
 import typer
 from rich.console import Console
@@ -34,7 +35,7 @@ OutOption = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
                          "(default: audits/<audit id>/).")
 
 
-def store_path(option: Optional[Path]) -> Path:
+def store_path(option: Path | None) -> Path:
     from tools.store import resolve_store_path
 
     return resolve_store_path(option)
@@ -91,7 +92,7 @@ class ProgressBars:
             self.tasks[task] = self.progress.add_task(task, total=total)
         self.progress.update(self.tasks[task], completed=done, total=total)
 
-    def __enter__(self) -> "ProgressBars":
+    def __enter__(self) -> Self:
         self.progress.start()
         return self
 
@@ -160,7 +161,7 @@ def print_summary(store_file: Path, audit_id: str, report_paths: dict[str, str])
         console.print(f"{kind}: {path}")
 
 
-def run_graph(spec, spec_base: Path, store_file: Path, out: Optional[Path], planner,
+def run_graph(spec, spec_base: Path, store_file: Path, out: Path | None, planner,
               ask=None, confirm=None, checkpointer=None, thread_id: str | None = None) -> dict:
     """Run the audit graph with progress bars and return its final state."""
     from agent.graph import build_graph, initial_state
@@ -176,15 +177,15 @@ def run_graph(spec, spec_base: Path, store_file: Path, out: Optional[Path], plan
 @app.command()
 def run(
     spec_file: Path = typer.Argument(..., help="Audit spec (YAML)."),
-    store: Optional[Path] = StoreOption,
-    out: Optional[Path] = OutOption,
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (overrides the spec)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (overrides the spec)."),
+    store: Path | None = StoreOption,
+    out: Path | None = OutOption,
+    device: str | None = typer.Option(None, help="auto, cpu or cuda (overrides the spec)."),
+    batch_size: int | None = typer.Option(None, help="Images per forward pass (overrides the spec)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan and its cost, then stop."),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Plan with this model on an "
+    llm_model: str | None = typer.Option(None, "--llm-model", help="Plan with this model on an "
                                             "OpenAI-compatible endpoint (default: the offline "
                                             "rules planner)."),
-    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Endpoint URL "
+    llm_base_url: str | None = typer.Option(None, "--llm-base-url", help="Endpoint URL "
                                                "(default: $OPENAI_BASE_URL)."),
 ) -> None:
     """Run a scripted audit from a spec without prompting. Exit 1 when a gate fails."""
@@ -202,7 +203,6 @@ def run(
         planner = planner_from_options(llm_model, llm_base_url, use_env_model=False)
         if plan_only:
             from agent import resources
-
             from agent.graph import check_context_classes
 
             info = resources.describe(resources.load(spec), spec.data.group_column)
@@ -249,19 +249,19 @@ DEMO_SPEC = {
 
 @app.command()
 def demo(
-    data: Optional[Path] = typer.Option(None, help="ham10000_subset folder (metadata.csv and "
+    data: Path | None = typer.Option(None, help="ham10000_subset folder (metadata.csv and "
                                         "images/) (default: $CLINAUDIT_DATA/ham10000_subset)."),
-    store: Optional[Path] = StoreOption,
-    out: Optional[Path] = OutOption,
+    store: Path | None = StoreOption,
+    out: Path | None = OutOption,
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     epochs: int = typer.Option(30, help="Training epochs for the demo model."),
-    train_time_limit: Optional[float] = typer.Option(
+    train_time_limit: float | None = typer.Option(
         None, help="Stop training after this many seconds (default: run every epoch)."),
     input_size: int = typer.Option(64, help="Model input size in pixels."),
     bootstrap: int = typer.Option(1000, help="Bootstrap replicates per interval."),
-    max_images: Optional[int] = typer.Option(None, help="Audit at most this many test images."),
-    shifts: Optional[str] = typer.Option(None, help="Comma-separated shift names to keep "
+    max_images: int | None = typer.Option(None, help="Audit at most this many test images."),
+    shifts: str | None = typer.Option(None, help="Comma-separated shift names to keep "
                                          "(default: the dermatology preset)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from published timm "
                                     "weights (downloads them; needs network)."),
@@ -346,7 +346,7 @@ def _published_weights(spec, num_classes: int, folder: Path) -> Path:
     return path
 
 
-def _train_demo_model(spec, checkpoint: Path, epochs: int, time_limit_s: Optional[float],
+def _train_demo_model(spec, checkpoint: Path, epochs: int, time_limit_s: float | None,
                       pretrained: bool) -> None:
     from tools.data import load_dataset
     from tools.models import resolve_device, save_checkpoint, train_classifier
@@ -377,8 +377,8 @@ def _train_demo_model(spec, checkpoint: Path, epochs: int, time_limit_s: Optiona
 @app.command()
 def report(
     audit_id: str = typer.Argument(..., help="Audit id (see `clinaudit runs`)."),
-    store: Optional[Path] = StoreOption,
-    out: Optional[Path] = OutOption,
+    store: Path | None = StoreOption,
+    out: Path | None = OutOption,
     pdf: bool = typer.Option(False, "--pdf", help="Also print the HTML to report.pdf with "
                              "headless Chromium."),
 ) -> None:
@@ -408,15 +408,14 @@ def report(
 
 
 @app.command()
-def runs(store: Optional[Path] = StoreOption) -> None:
+def runs(store: Path | None = StoreOption) -> None:
     """List the audits in the store."""
     from rich.table import Table
 
     from tools.store import Store
 
-    with bad_input_exits():
-        with Store(store_path(store)) as db:
-            audits = db.list_audits()
+    with bad_input_exits(), Store(store_path(store)) as db:
+        audits = db.list_audits()
     table = Table(title=f"Audits in {store_path(store)}")
     table.add_column("audit id", no_wrap=True, overflow="fold")
     for column in ("created", "kind", "status", "conditions", "findings"):
@@ -430,19 +429,18 @@ def runs(store: Optional[Path] = StoreOption) -> None:
 @app.command()
 def delete(
     audit_id: str = typer.Argument(..., help="Audit id to remove with all its data."),
-    store: Optional[Path] = StoreOption,
+    store: Path | None = StoreOption,
     yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
 ) -> None:
     """Remove an audit with its predictions, results, findings and reviews."""
     from tools.store import Store
 
-    with bad_input_exits():
-        with Store(store_path(store)) as db:
-            db.require_audit(audit_id)
-            if not yes and not typer.confirm(f"Delete audit {audit_id} and all its data?"):
-                console.print("Nothing deleted.")
-                raise typer.Exit(0)
-            db.delete_audit(audit_id)
+    with bad_input_exits(), Store(store_path(store)) as db:
+        db.require_audit(audit_id)
+        if not yes and not typer.confirm(f"Delete audit {audit_id} and all its data?"):
+            console.print("Nothing deleted.")
+            raise typer.Exit(0)
+        db.delete_audit(audit_id)
     console.print(f"Deleted audit {audit_id}.")
 
 
@@ -452,8 +450,8 @@ def review(
     reviewer: str = typer.Option(..., help="Name of the reviewer."),
     verdict: str = typer.Option(..., help="approve, changes or reject."),
     comment: str = typer.Option("", help="Free-text comment."),
-    finding: Optional[str] = typer.Option(None, help="Finding id the review refers to."),
-    store: Optional[Path] = StoreOption,
+    finding: str | None = typer.Option(None, help="Finding id the review refers to."),
+    store: Path | None = StoreOption,
 ) -> None:
     """Append a sign-off to an audit; re-render with `clinaudit report` to show it."""
     from tools.store import Store, StoreError
@@ -470,7 +468,7 @@ def review(
 def compare(
     audit_a: str = typer.Argument(..., help="Earlier audit id."),
     audit_b: str = typer.Argument(..., help="Later audit id."),
-    store: Optional[Path] = StoreOption,
+    store: Path | None = StoreOption,
     show_all: bool = typer.Option(False, "--all", help="List every condition and metric, not "
                                   "only clean and the clear changes."),
 ) -> None:
@@ -511,8 +509,8 @@ def compare(
 @app.command()
 def mitigate(
     audit_id: str = typer.Argument(..., help="Audit whose damaging shifts to train against."),
-    store: Optional[Path] = StoreOption,
-    out: Optional[Path] = OutOption,
+    store: Path | None = StoreOption,
+    out: Path | None = OutOption,
     epochs: int = typer.Option(5, help="Fine-tuning epochs."),
     time_limit: float = typer.Option(1800, help="Training time limit in seconds."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Train a new model instead "

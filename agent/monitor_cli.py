@@ -7,10 +7,11 @@ commands: 0 no alert, 1 an alert, 2 bad input (one line naming the audit, file o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import typer
 
@@ -34,29 +35,29 @@ def monitor(
                               "(see `clinaudit runs`)."),
     data: Path = typer.Option(..., "--data", help="Deployment batch without labels: an image "
                               "folder, or a CSV manifest (metadata columns optional)."),
-    store: Optional[Path] = typer.Option(None, "--store", help="DuckDB file of audits "
+    store: Path | None = typer.Option(None, "--store", help="DuckDB file of audits "
                                          "(default: $CLINAUDIT_STORE, else ./clinaudit.duckdb)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the monitoring record "
+    out: Path | None = typer.Option(None, "--out", help="Folder for the monitoring record "
                                        "(JSON) and the trend plot (default: "
                                        "audits/<audit id>/monitor/)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder of a manifest "
+    images: Path | None = typer.Option(None, "--images", help="Image folder of a manifest "
                                           "batch (default: images/ beside the manifest, else "
                                           "the manifest's folder)."),
-    id_column: Optional[str] = typer.Option(None, "--id-column", help="Manifest column naming "
+    id_column: str | None = typer.Option(None, "--id-column", help="Manifest column naming "
                                             "each image file <id>.jpg/.png (default: the "
                                             "audit spec's data.id_column)."),
-    path_column: Optional[str] = typer.Option(None, "--path-column", help="Manifest column with "
+    path_column: str | None = typer.Option(None, "--path-column", help="Manifest column with "
                                               "image paths relative to --images."),
-    max_accuracy_drop: Optional[float] = typer.Option(
+    max_accuracy_drop: float | None = typer.Option(
         None, help="Alert when estimated accuracy (ATC) is more than this below the audited "
         "clean accuracy, as a fraction (0.05 = 5 points)."),
-    max_balanced_accuracy_drop: Optional[float] = typer.Option(
+    max_balanced_accuracy_drop: float | None = typer.Option(
         None, help="Alert when estimated balanced accuracy (ATC) is more than this below the "
         "audited clean balanced accuracy."),
-    max_drift_p: Optional[float] = typer.Option(
+    max_drift_p: float | None = typer.Option(
         None, help="Alert when a drift test's p-value (adjusted over the image statistics) is "
         "below this."),
-    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap replicates per interval "
+    bootstrap: int | None = typer.Option(None, help="Bootstrap replicates per interval "
                                             "(default: the audit's)."),
     sample: int = typer.Option(200, help="Clean test images re-shifted per audited shift to "
                                "describe it for the nearest-condition match."),
@@ -64,8 +65,8 @@ def monitor(
                               "negative_entropy."),
     recalibration: str = typer.Option("vector", help="Recalibration fitted on the calibration "
                                       "split before estimating: vector or temperature."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: the audit's)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass "
+    device: str | None = typer.Option(None, help="auto, cpu or cuda (default: the audit's)."),
+    batch_size: int | None = typer.Option(None, help="Images per forward pass "
                                              "(default: the audit's)."),
 ) -> None:
     """Check an unlabelled deployment batch against an audit; exit 1 on an alert."""
@@ -201,15 +202,15 @@ def print_record(record: dict[str, Any]) -> None:
     table = Table(title="Class prevalence: calibration split, predicted, corrected estimates")
     for column in ("class", "calibration", "predicted", "BBSE", "EM"):
         table.add_column(column)
-    for k, name in enumerate(record["classes"]):
-        def cell(method: str) -> str:
-            entry = prevalence[method]
-            if entry["low"] is None:
-                return _value(entry["value"][k])
-            return f"{_value(entry['value'][k])} ({_value(entry['low'][k])} to {_value(entry['high'][k])})"
+    def cell(method: str, k: int) -> str:
+        entry = prevalence[method]
+        if entry["low"] is None:
+            return _value(entry["value"][k])
+        return f"{_value(entry['value'][k])} ({_value(entry['low'][k])} to {_value(entry['high'][k])})"
 
+    for k, name in enumerate(record["classes"]):
         table.add_row(name, _value(prevalence["source"][k]),
-                      _value(output["class_mix"]["batch"][k]), cell("bbse"), cell("em"))
+                      _value(output["class_mix"]["batch"][k]), cell("bbse", k), cell("em", k))
     console.print(table)
 
     nearest = record["nearest"]

@@ -6,7 +6,8 @@ Loaded models and images are kept out of it (see `agent.resources`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, TypedDict
+from collections.abc import Callable
+from typing import Any, Protocol, TypedDict
 
 from pydantic import BaseModel
 

@@ -167,11 +167,12 @@ def format_table(rows: list[dict]) -> str:
     header = ("| batch | n | true acc | naive err | ATC err | ATC-NE err | conf err | true bal acc "
               "| naive err | ATC err | ATC-NE err | conf err | nearest condition | match |")
     lines = [header, "|" + "---|" * 14]
-    for row in rows:
-        def err(metric: str, estimator: str) -> str:
-            value = row[f"{metric}_{estimator}_error"]
-            return "n/a" if value is None else f"{value:.3f}"
 
+    def err(row: dict, metric: str, estimator: str) -> str:
+        value = row[f"{metric}_{estimator}_error"]
+        return "n/a" if value is None else f"{value:.3f}"
+
+    for row in rows:
         if row["match_name"] is None:
             match = ""
         elif row["match_exact"]:
@@ -182,9 +183,9 @@ def format_table(rows: list[dict]) -> str:
             match = "no"
         lines.append(
             f"| {row['batch']} | {row['n']} | {row['accuracy_true']:.3f} | "
-            + " | ".join(err("accuracy", e) for e in ("naive", "atc", "atc_entropy", "confidence"))
+            + " | ".join(err(row, "accuracy", e) for e in ("naive", "atc", "atc_entropy", "confidence"))
             + f" | {row['balanced_accuracy_true']:.3f} | "
-            + " | ".join(err("balanced_accuracy", e) for e in ("naive", "atc", "atc_entropy", "confidence"))
+            + " | ".join(err(row, "balanced_accuracy", e) for e in ("naive", "atc", "atc_entropy", "confidence"))
             + f" | {row['nearest']} | {match} |")
     return "\n".join(lines)
 
@@ -196,24 +197,25 @@ def summarise(rows: list[dict]) -> str:
         groups[f"  severity {severity}"] = [r for r in rows if r["applied"] is not None
                                             and r["applied"].endswith(f":{severity}")]
     groups["all batches"] = rows
-    lines = ["| group | batches | acc MAE naive | ATC | ATC-NE | conf | bal acc MAE naive | ATC "
-             "| ATC-NE | conf | shift named | exact severity |", "|" + "---|" * 12]
+    lines = [("| group | batches | acc MAE naive | ATC | ATC-NE | conf | bal acc MAE naive | ATC "
+              "| ATC-NE | conf | shift named | exact severity |"), "|" + "---|" * 12]
+
+    def mae(members: list[dict], metric: str, estimator: str) -> str:
+        errors = [r[f"{metric}_{estimator}_error"] for r in members
+                  if r[f"{metric}_{estimator}_error"] is not None]
+        return f"{np.mean(errors):.3f}" if errors else "n/a"
+
     for name, members in groups.items():
         if not members:
             continue
-
-        def mae(metric: str, estimator: str) -> str:
-            errors = [r[f"{metric}_{estimator}_error"] for r in members
-                      if r[f"{metric}_{estimator}_error"] is not None]
-            return f"{np.mean(errors):.3f}" if errors else "n/a"
 
         shifted = [r for r in members if r["applied"] is not None]
         named = f"{sum(r['match_name'] for r in shifted)}/{len(shifted)}" if shifted else ""
         exact = f"{sum(r['match_exact'] for r in shifted)}/{len(shifted)}" if shifted else ""
         lines.append(f"| {name} | {len(members)} | "
-                     + " | ".join(mae("accuracy", e) for e in ("naive", "atc", "atc_entropy", "confidence"))
+                     + " | ".join(mae(members, "accuracy", e) for e in ("naive", "atc", "atc_entropy", "confidence"))
                      + " | "
-                     + " | ".join(mae("balanced_accuracy", e)
+                     + " | ".join(mae(members, "balanced_accuracy", e)
                                   for e in ("naive", "atc", "atc_entropy", "confidence"))
                      + f" | {named} | {exact} |")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 
 def tool_calls(*calls: tuple[str, str | dict]) -> dict[str, Any]:
@@ -38,7 +38,7 @@ class ScriptedLLM:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}/v1"
 
-    def __enter__(self) -> "ScriptedLLM":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

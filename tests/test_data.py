@@ -33,7 +33,7 @@ METADATA = ["dataset", "sex", "age", "localization"]
 
 
 def ham_spec(folder: Path, **changes) -> DataSpec:
-    fields = dict(
+    fields = dict(  # noqa: C408 - keyword form reads like the DataSpec call it builds
         manifest=folder / "metadata.csv",
         images=folder / "images",
         id_column="image_id",

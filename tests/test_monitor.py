@@ -80,7 +80,7 @@ def test_bbse_exact_on_population_confusion():
     rows, labels = [], []
     for predicted in range(3):
         for true in range(3):
-            count = int(round(joint[predicted, true] * 1000))
+            count = round(joint[predicted, true] * 1000)
             rows += [np.eye(3)[predicted]] * count
             labels += [true] * count
     cal_probs, cal_labels = np.array(rows), np.array(labels)

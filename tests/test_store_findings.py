@@ -75,7 +75,7 @@ def test_failed_condition_write_leaves_store_unchanged(tmp_path):
     with Store(tmp_path / "a.duckdb") as store:
         audit = store.create_audit("image", {}, {})
         bad = [ResultRow("accuracy", object())]  # not a number: the insert fails
-        with pytest.raises(Exception):
+        with pytest.raises(TypeError):
             store.save_condition(audit, Condition("clean", "clean", "clean", n=1), ["i"],
                                  np.array([0]), np.array([[1.0, 0.0]]), bad)
         assert store.finished_conditions(audit) == set()

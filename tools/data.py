@@ -88,7 +88,7 @@ class Dataset:
         self._cache[size] = array
         return array
 
-    def subset(self, indices: np.ndarray) -> "Dataset":
+    def subset(self, indices: np.ndarray) -> Dataset:
         """Return the rows at `indices` (integer positions) as a new Dataset, keeping the image cache."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.ndim != 1:
@@ -113,7 +113,7 @@ class Dataset:
             _cache=cache,
         )
 
-    def part(self, split: str) -> "Dataset":
+    def part(self, split: str) -> Dataset:
         """Return the images of one split: "train", "calibration" or "test"."""
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")

@@ -11,7 +11,8 @@ an effect below twice the minimum and red above.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

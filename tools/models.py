@@ -73,7 +73,7 @@ class Classifier:
 
     def __init__(
         self,
-        module: "torch.nn.Module",
+        module: torch.nn.Module,
         classes: list[str],
         input_size: int,
         normalization: dict[str, list[float]] | None = None,
@@ -167,7 +167,7 @@ def to_tensor(
     input_size: int,
     device: str,
     in_chans: int = 3,
-) -> "torch.Tensor":
+) -> torch.Tensor:
     """Convert uint8 (b, H, W, 3) images into a normalised float32 NCHW tensor on `device`."""
     import torch
     import torch.nn.functional as F
@@ -273,7 +273,7 @@ def _settings_from_spec_and_card(spec: ModelSpec, card: dict[str, Any], source: 
     return settings
 
 
-def _load_torchscript(path: Path, device: str) -> "torch.nn.Module":
+def _load_torchscript(path: Path, device: str) -> torch.nn.Module:
     import torch
 
     try:
@@ -287,7 +287,7 @@ def _load_torchscript(path: Path, device: str) -> "torch.nn.Module":
         raise ModelError(f"{path}: cannot load as TorchScript ({first})") from None
 
 
-def create_network(arch: str, num_outputs: int, in_chans: int = 3) -> "torch.nn.Module":
+def create_network(arch: str, num_outputs: int, in_chans: int = 3) -> torch.nn.Module:
     """Build a timm architecture with random weights; published weights are never fetched."""
     import timm
 
@@ -299,7 +299,7 @@ def create_network(arch: str, num_outputs: int, in_chans: int = 3) -> "torch.nn.
         raise
 
 
-def _build_from_checkpoint(path: Path, settings: dict[str, Any]) -> "torch.nn.Module":
+def _build_from_checkpoint(path: Path, settings: dict[str, Any]) -> torch.nn.Module:
     if not settings["arch"]:
         raise ModelError(f"no architecture for checkpoint {path}: set model.arch in the spec")
     num_outputs = 1 if settings["outputs"] == "binary_logit" else len(settings["classes"])
@@ -333,7 +333,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     return state
 
 
-def _check_state_dict_fits(module: "torch.nn.Module", state: dict[str, Any], path: Path, arch: str) -> None:
+def _check_state_dict_fits(module: torch.nn.Module, state: dict[str, Any], path: Path, arch: str) -> None:
     expected = module.state_dict()
     for key, tensor in expected.items():
         if key not in state:
@@ -373,7 +373,7 @@ def train_classifier(
     schedule: str = "onecycle",
     weight_decay: float = 0.05,
     flips: bool = True,
-) -> "torch.nn.Module":
+) -> torch.nn.Module:
     """Train a timm classifier from scratch (or from `init_from`) on uint8 images (n, H, W, 3).
 
     AdamW with a one-cycle (or "cosine") learning-rate schedule and plain cross entropy. With
@@ -464,7 +464,7 @@ def train_classifier(
         "weight_decay": float(weight_decay),
         "class_weights": class_weights,
         "seed": int(seed),
-        "n_train": int(len(labels)),
+        "n_train": len(labels),
         "train_seconds": round(time.monotonic() - start, 2),
         "init_from": str(init_from) if init_from is not None else None,
     }
@@ -572,7 +572,7 @@ def _random_flips(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return batch
 
 
-def save_checkpoint(model: "torch.nn.Module", path: Path, card: dict[str, Any]) -> None:
+def save_checkpoint(model: torch.nn.Module, path: Path, card: dict[str, Any]) -> None:
     """Write the model's state dict to `path` and its model card to `path` with suffix `.json`.
 
     The card starts from what `train_classifier` recorded on the model; entries in `card`

@@ -485,7 +485,7 @@ def atc_threshold(scores: np.ndarray, correct: np.ndarray) -> float:
     if scores.ndim != 1 or len(scores) == 0 or scores.shape != correct.shape:
         raise MonitorError(f"scores and correct must be non-empty (n,) arrays of one length, got "
                            f"{scores.shape} and {correct.shape}")
-    k = int(round(correct.mean() * len(scores)))
+    k = round(correct.mean() * len(scores))
     descending = np.sort(scores)[::-1]
     if k >= len(scores):
         return float("-inf")

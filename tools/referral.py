@@ -139,7 +139,7 @@ def referral_report(calibration_probs: np.ndarray, calibration_labels: np.ndarra
         value = _accepted_value(confidence, hits, scope, rule.threshold)
         rows.append({"condition": key, "threshold": rule.threshold,
                      "referred": applied.referred_share, "accepted_value": value,
-                     "low": low, "high": high, "n": int(len(labels)),
+                     "low": low, "high": high, "n": len(labels),
                      "meets_target": None if value is None else bool(value >= target)})
         curves[key] = risk_coverage_curve(confidence, correct)
         if value is not None and high is not None and high < target and key != "clean":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -361,7 +363,7 @@ class AuditRunner:
             images = dataset.images(self.inputs.classifier.input_size)
             probs = self.inputs.classifier.predict_proba(
                 images, batch_size=self.settings.batch_size,
-                progress=lambda d, t: self.progress(f"Predicting external set {name}", d, t))
+                progress=partial(self.progress, f"Predicting external set {name}"))
             estimates = self._bootstrap(probs, dataset.labels)
             diff = unpaired_bootstrap(self.metrics, clean_probs, labels, probs, dataset.labels,
                                       n_boot=self.settings.bootstrap, seed=self.settings.seed)

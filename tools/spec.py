@@ -73,7 +73,7 @@ class DataSpec(_Strict):
     class_names: list[str] = []
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataSpec":
+    def _one_source(self) -> DataSpec:
         if self.npz is None and self.manifest is None:
             raise ValueError("data needs either `manifest` (with `images`) or `npz`")
         if self.manifest is not None and self.images is None:

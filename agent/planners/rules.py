@@ -52,8 +52,8 @@ def _interview_questions(context: Context, info: DatasetInfo) -> list[tuple[str,
         questions.append(("What is the model's intended use (who uses it, for what decision)?",
                           "intended_use", None))
     if not context.deployment:
-        questions.append(("Where will it be deployed, and how do the images there differ "
-                          "(device, site, population)?", "deployment", None))
+        questions.append((("Where will it be deployed, and how do the images there differ "
+                           "(device, site, population)?"), "deployment", None))
     if context.positive_class is None:
         questions.append(("Which class is the one that must not be missed (the positive class)?",
                           "positive_class", info.classes + ["none"]))
