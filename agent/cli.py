@@ -437,6 +437,10 @@ def delete(
 
     with bad_input_exits(), Store(store_path(store)) as db:
         db.require_audit(audit_id)
+        if not yes and not sys.stdin.isatty():
+            err_console.print(f"[bold red]error:[/] deleting audit {audit_id} needs confirmation: "
+                              "run it in a terminal or pass --yes. Nothing deleted.", highlight=False)
+            raise typer.Exit(2)
         if not yes and not typer.confirm(f"Delete audit {audit_id} and all its data?"):
             console.print("Nothing deleted.")
             raise typer.Exit(0)

@@ -244,6 +244,12 @@ def test_compare_review_and_delete_on_two_audits(audited, ham_dir, small_ham_man
                                       "--store", str(audited["store"])])
     assert bad_verdict.exit_code == 2
 
+    unconfirmed = runner.invoke(app, ["delete", second, "--store", str(audited["store"])])
+    assert unconfirmed.exit_code == 2
+    assert "pass --yes" in unconfirmed.output
+    with Store(audited["store"]) as db:
+        assert second in {a["id"] for a in db.list_audits()}
+
     deleted = runner.invoke(app, ["delete", second, "--yes", "--store", str(audited["store"])])
     assert deleted.exit_code == 0
     with Store(audited["store"]) as db:
