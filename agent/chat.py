@@ -17,6 +17,16 @@ from typing import Any
 
 import typer
 
+from agent.cli_common import (
+    OutOption,
+    ProgressBars,
+    StoreOption,
+    bad_input_exits,
+    console,
+    err_console,
+    store_path,
+)
+
 # Manifest file names and column names tried, in order, when `--data` names a folder.
 MANIFEST_NAMES = ["metadata.csv", "manifest.csv", "labels.csv"]
 ID_COLUMNS = ["image_id", "id", "image", "filename", "file"]
@@ -141,7 +151,6 @@ class LazyProgressBars:
 
     def __call__(self, task: str, done: int, total: int) -> None:
         if self.bars is None:
-            from agent.cli import ProgressBars
 
             self.bars = ProgressBars().__enter__()
         self.bars(task, done, total)
@@ -155,7 +164,6 @@ class LazyProgressBars:
 def _ask(question: str, field: str, choices: list[str] | None) -> str:
     from rich.prompt import Prompt
 
-    from agent.cli import console
 
     return Prompt.ask(f"[bold]{question}[/]", choices=choices, console=console)
 
@@ -168,7 +176,7 @@ def _confirm_with(assume_yes: bool):
     def confirm(plan) -> bool:
         from rich.prompt import Confirm
 
-        from agent.cli import console, print_plan
+        from agent.cli import print_plan
 
         print_plan(plan)
         if assume_yes:
@@ -195,10 +203,8 @@ def chat(
                                               "classifier."),
     torchscript: Path | None = typer.Option(None, "--torchscript", help="TorchScript "
                                                "classifier file."),
-    store: Path | None = typer.Option(None, "--store", help="DuckDB file of audits "
-                                         "(default: $CLINAUDIT_STORE, else ./clinaudit.duckdb)."),
-    out: Path | None = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
-                                       "(default: audits/<audit id>/)."),
+    store: Path | None = StoreOption,
+    out: Path | None = OutOption,
     llm_model: str | None = typer.Option(None, "--llm-model", help="Model name of the "
                                             "LLM planner (default: $CLINAUDIT_LLM_MODEL; without "
                                             "one the offline rules planner runs)."),
@@ -222,7 +228,7 @@ def chat(
 
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    from agent.cli import bad_input_exits, console, err_console, print_summary, store_path
+    from agent.cli import print_summary
     from agent.graph import build_graph, initial_state
     from agent.planners.llm import LLMError, planner_from_options
 
@@ -284,7 +290,6 @@ def chat(
 
 def _resume(graph, config: dict, audit_id: str, checkpoints: Path) -> dict:
     """Continue a checkpointed chat from its last finished step and return the final state."""
-    from agent.cli import console
 
     snapshot = graph.get_state(config)
     if not snapshot.values:

@@ -13,91 +13,25 @@ import sys
 # Torch's OpenMP threads otherwise spin while waiting, which on a small shared CPU slows
 # training and inference several-fold. It only takes effect before torch is first imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Self
 
 import typer
-from rich.console import Console
 
 from agent.chat import chat as chat_command
+from agent.cli_common import (
+    OutOption,
+    ProgressBars,
+    StoreOption,
+    bad_input_exits,
+    console,
+    err_console,
+    store_path,
+)
 from agent.cli_llm import audit_llm
+from agent.monitor_cli import monitor
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit a medical image classifier under distribution shift.")
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
-
-StoreOption = typer.Option(None, "--store", help="DuckDB file of audits "
-                           "(default: $CLINAUDIT_STORE, else ./clinaudit.duckdb).")
-OutOption = typer.Option(None, "--out", help="Folder for report.html/.md/.json "
-                         "(default: audits/<audit id>/).")
-
-
-def store_path(option: Path | None) -> Path:
-    from tools.store import resolve_store_path
-
-    return resolve_store_path(option)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Error classes that mean bad input; anything else is a bug and keeps its traceback."""
-    from tools.spec import SpecError
-    from tools.store import StoreError
-
-    errors: list[type[BaseException]] = [SpecError, StoreError, FileNotFoundError]
-    for module, name in [("tools.data", "DataError"), ("tools.models", "ModelError"),
-                         ("tools.shifts", "ShiftError"), ("tools.metrics", "MetricError"),
-                         ("tools.calibration", "CalibrationError"),
-                         ("tools.monitor", "MonitorError")]:
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
-
-
-@contextmanager
-def bad_input_exits() -> Iterator[None]:
-    """Turn bad-input errors into one line on stderr and exit code 2."""
-    try:
-        yield
-    except _user_errors() as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-class ProgressBars:
-    """Rich progress bars fed by the tools' (task, done, total) callbacks."""
-
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(TextColumn("{task.description:<32}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=err_console, transient=False)
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, task: str, done: int, total: int) -> None:
-        if task not in self.tasks:
-            self.tasks[task] = self.progress.add_task(task, total=total)
-        self.progress.update(self.tasks[task], completed=done, total=total)
-
-    def __enter__(self) -> Self:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
 
 
 def print_plan(plan) -> None:
@@ -557,11 +491,6 @@ def mitigate(
 
 app.command("audit-llm")(audit_llm)
 app.command("chat")(chat_command)
-
-
-# Imported last because monitor_cli imports the helpers defined above.
-from agent.monitor_cli import monitor
-
 app.command("monitor")(monitor)
 
 

@@ -15,7 +15,14 @@ from typing import Any
 
 import typer
 
-from agent.cli import ProgressBars, bad_input_exits, console, err_console, store_path
+from agent.cli_common import (
+    ProgressBars,
+    StoreOption,
+    bad_input_exits,
+    console,
+    err_console,
+    store_path,
+)
 
 
 @contextmanager
@@ -35,8 +42,7 @@ def monitor(
                               "(see `clinaudit runs`)."),
     data: Path = typer.Option(..., "--data", help="Deployment batch without labels: an image "
                               "folder, or a CSV manifest (metadata columns optional)."),
-    store: Path | None = typer.Option(None, "--store", help="DuckDB file of audits "
-                                         "(default: $CLINAUDIT_STORE, else ./clinaudit.duckdb)."),
+    store: Path | None = StoreOption,
     out: Path | None = typer.Option(None, "--out", help="Folder for the monitoring record "
                                        "(JSON) and the trend plot (default: "
                                        "audits/<audit id>/monitor/)."),
