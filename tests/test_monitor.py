@@ -363,24 +363,57 @@ REDUCED_PLAN = {
 }
 
 
+def red_tinted(ham_dir: Path, ids: list[str]) -> np.ndarray:
+    """Load images at 32 px with green and blue halved, as from a camera with a strong red cast."""
+    from PIL import Image
+
+    images = np.stack([
+        np.asarray(Image.open(ham_dir / "images" / f"{i}.jpg").convert("RGB")
+                   .resize((32, 32), Image.Resampling.BILINEAR))
+        for i in ids]).astype(np.float64)
+    images[..., 1:] *= 0.5
+    return images.astype(np.uint8)
+
+
+def write_red_clinic(folder: Path, ham_dir: Path, manifest: Path) -> tuple[Path, Path]:
+    """Write a labelled external set of 60 red-tinted images; return its manifest and folder."""
+    import pandas as pd
+    from PIL import Image
+
+    rows = pd.read_csv(manifest).tail(60)
+    images_dir = folder / "red_clinic"
+    images_dir.mkdir()
+    for image_id, image in zip(rows["image_id"], red_tinted(ham_dir, list(rows["image_id"]))):
+        Image.fromarray(image).save(images_dir / f"{image_id}.png")
+    external_manifest = folder / "red_clinic.csv"
+    rows[["image_id", "dx"]].to_csv(external_manifest, index=False)
+    return external_manifest, images_dir
+
+
 @pytest.fixture(scope="module")
 def tiny_audit(tmp_path_factory, ham_dir, small_ham_manifest, tiny_model):
-    """A reduced audit (two shifts, bootstrap 50) of the shared tiny model, run with
-    AuditRunner; returns (store path, audit id, test image ids, folder)."""
-    from tools.data import load_dataset
+    """Run a reduced audit of the shared tiny model with AuditRunner.
+
+    The plan has two shifts and a red-tinted external set, with 50 bootstrap replicates.
+    Returns (store path, audit id, test image ids, folder).
+    """
+    from tools.data import load_dataset, load_external
     from tools.models import load_classifier
     from tools.runner import AuditInputs, AuditRunner
     from tools.spec import AuditPlan, spec_from_dict
     from tools.store import Store
 
     folder = tmp_path_factory.mktemp("monitor")
+    external_manifest, external_images = write_red_clinic(folder, ham_dir, small_ham_manifest)
     raw = {
         "model": {"arch": "mobilenetv3_small_050", "checkpoint": str(tiny_model),
                   "classes": HAM_CLASSES, "input_size": 32},
         "data": {"manifest": str(small_ham_manifest), "images": str(ham_dir / "images"),
                  "id_column": "image_id", "label_column": "dx",
                  "metadata": ["dataset", "sex", "age", "localization"],
-                 "group_column": "lesion_id"},
+                 "group_column": "lesion_id",
+                 "external": [{"name": "red_clinic", "manifest": str(external_manifest),
+                               "images": str(external_images)}]},
         "context": {"domain": "dermatology"},
         "plan": REDUCED_PLAN,
         "audit": {"bootstrap": 50, "seed": 0, "device": "cpu"},
@@ -389,12 +422,13 @@ def tiny_audit(tmp_path_factory, ham_dir, small_ham_manifest, tiny_model):
     spec = spec_from_dict(raw, folder)
     classifier = load_classifier(spec.model, device="cpu")
     test = load_dataset(spec.data, classifier.classes).part("test")
+    externals = {"red_clinic": load_external(spec.data.external[0], spec.data, classifier.classes)}
     store = folder / "audits.duckdb"
     with Store(store) as db:
         audit_id = db.create_audit("scripted", spec.model_dump(mode="json"),
                                    spec.plan.model_dump(mode="json"))
         AuditRunner(spec, AuditPlan.model_validate(REDUCED_PLAN), db, audit_id,
-                    AuditInputs(classifier, test, {})).run()
+                    AuditInputs(classifier, test, externals)).run()
         db.update_audit(audit_id, status="finished")
     return store, audit_id, list(test.ids), folder
 
@@ -446,6 +480,29 @@ def test_monitor_names_applied_shift(tiny_audit, ham_dir):
     noise = next(row for row in record["input_drift"] if row["statistic"] == "noise")
     assert noise["smd"] > 1
     assert (out / "monitor_trend.svg").is_file()
+
+
+def test_monitor_names_external_set(tiny_audit, ham_dir):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    store, audit_id, test_ids, folder = tiny_audit
+    batch = folder / "red_batch"
+    batch.mkdir()
+    for image_id, image in zip(test_ids[:60], red_tinted(ham_dir, test_ids[:60])):
+        Image.fromarray(image).save(batch / f"{image_id}.png")
+    out = folder / "red_out"
+
+    result = CliRunner().invoke(monitor_app(), ["--audit", audit_id, "--data", str(batch),
+                                                "--store", str(store), "--out", str(out),
+                                                "--bootstrap", "0"])
+
+    assert result.exit_code == 0, result.output
+    record = json.loads(next(out.glob("monitor-*.json")).read_text())
+    assert record["nearest"]["condition"] == "external:red_clinic"
+    ranking = {row["condition"]: row["distance"] for row in record["nearest"]["ranking"]}
+    assert ranking["external:red_clinic"] < ranking["clean"]
+    assert record["nearest"]["measured"]
 
 
 def test_monitor_alert_exits_1_and_trend_grows(tiny_audit, ham_dir):

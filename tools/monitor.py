@@ -12,8 +12,8 @@ to and returns one JSON-serialisable record:
   split by black-box shift estimation (BBSE) and by EM prior adjustment;
 - accuracy and balanced accuracy estimated without labels, by average thresholded confidence
   (ATC) and by the mean recalibrated confidence, with bootstrap intervals;
-- the nearest audited condition (clean, a shift at a severity, or a site) and what the audit
-  measured there.
+- the nearest audited condition (clean, a shift at a severity, a site or an external set) and
+  what the audit measured there.
 
 Each record is stored as the artifact `monitor:<timestamp>` of the audit, so repeated batches
 form a trend (`monitor_history`, `plot_trend`). Thresholds turn the record into alerts.
@@ -58,9 +58,9 @@ DISTANCE_GROUPS = {
     "confidence": ("confidence",),
 }
 
-# Candidate kinds for the nearest-condition match. A shift or a site changes the images, whereas
-# subgroup and prevalence conditions only select clean images by patient or label.
-NEAREST_KINDS = ("clean", "shift", "site")
+# Candidate kinds for the nearest-condition match. A shift, a site or an external set changes the
+# images, whereas subgroup and prevalence conditions only select clean images by patient or label.
+NEAREST_KINDS = ("clean", "shift", "site", "external")
 
 
 class MonitorError(ValueError):
@@ -793,7 +793,7 @@ def build_reference(store, audit_id: str, spec, classifier, *, sample: int = 200
             calibration = _predict_calibration(dataset, classifier, batch_size, report)
         if missing:
             statistics.update(_condition_statistics(store, audit_id, missing, test, classifier,
-                                                    clean["ids"], sample, seed, report))
+                                                    clean["ids"], sample, seed, report, spec))
         cache.update({"greyscale": greyscale, "calibration": calibration,
                       "statistics": {key: {name: values.tolist() for name, values in stats.items()}
                                      for key, stats in statistics.items()}})
@@ -859,7 +859,7 @@ def _original_sizes(dataset) -> np.ndarray | None:
 
 def _condition_statistics(store, audit_id: str, conditions, test, classifier,
                           stored_ids: np.ndarray, sample: int, seed: int,
-                          report: Progress) -> dict[str, dict[str, np.ndarray]]:
+                          report: Progress, spec) -> dict[str, dict[str, np.ndarray]]:
     from tools.shifts import shift_images
 
     images = test.images(classifier.input_size,
@@ -880,6 +880,8 @@ def _condition_statistics(store, audit_id: str, conditions, test, classifier,
             ids = store.predictions(audit_id, condition.key)["ids"]
             keep = np.array([position[i] for i in ids if i in position], dtype=np.int64)
             out[condition.key] = {name: values[keep] for name, values in clean_stats.items()}
+        elif condition.kind == "external":
+            out[condition.key] = _external_statistics(spec, condition.name, audit_id, classifier)
         else:
             shifted = shift_images(sample_images, condition.name, int(condition.severity), seed)
             stats = image_statistics(shifted)
@@ -887,6 +889,23 @@ def _condition_statistics(store, audit_id: str, conditions, test, classifier,
             out[condition.key] = stats
     report("Statistics of audited conditions", len(conditions), len(conditions))
     return out
+
+
+def _external_statistics(spec, name: str, audit_id: str, classifier) -> dict[str, np.ndarray]:
+    """Compute the image statistics of the audit's external set `name`, loaded again from its spec."""
+    from tools.data import DataError, load_external
+
+    external = next((e for e in spec.data.external if e.name == name), None)
+    if external is None:
+        raise MonitorError(f"external set {name!r} not found under data.external in the stored "
+                           f"spec of audit {audit_id}")
+    try:
+        dataset = load_external(external, spec.data, classifier.classes)
+        images = dataset.images(classifier.input_size)
+    except DataError as error:
+        raise MonitorError(f"external set {name!r} of audit {audit_id} failed to load ({error}); "
+                           "restore its files where the audit read them") from None
+    return image_statistics(images, _original_sizes(dataset))
 
 
 # ----------------------------------------------------------------------------------------------
