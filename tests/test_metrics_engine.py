@@ -348,6 +348,34 @@ def test_paired_bootstrap_detects_degradation():
     assert nll.p_value < 0.01
 
 
+def test_bootstrap_p_value_normal_approximation_by_hand():
+    from scipy.stats import norm
+
+    from tools.metrics import bootstrap_p_value
+
+    replicates = np.array([-0.30, -0.25, -0.20, -0.28, -0.22])
+    spread = np.sqrt(np.sum((replicates - replicates.mean()) ** 2) / 4)
+
+    assert bootstrap_p_value(replicates, -0.25) == pytest.approx(2 * norm.sf(0.25 / spread), rel=1e-12)
+    assert bootstrap_p_value(np.zeros(50), 0.0) == 1.0
+    # Constant non-zero replicates have no spread, so the share of replicates gives 2 / (B + 1).
+    assert bootstrap_p_value(np.full(99, 0.1), 0.1) == pytest.approx(2 / 100)
+    assert math.isnan(bootstrap_p_value(np.array([np.nan, np.nan]), 0.1))
+
+
+def test_paired_p_value_below_replicate_floor():
+    # With 100 replicates the share-of-replicates p-value cannot go below 2/101 = 0.0198, which
+    # cannot pass Benjamini-Hochberg among a hundred comparisons; the normal approximation can.
+    probs, labels = _data(n=500)
+    flat = 0.2 * probs + 0.8 / probs.shape[1]
+
+    accuracy = paired_bootstrap(["balanced_accuracy"], probs, flat[:, ::-1].copy(), labels,
+                                n_boot=100)["balanced_accuracy"]
+
+    assert accuracy.high < 0
+    assert accuracy.p_value < 1e-6
+
+
 def test_paired_identical_conditions_p_value_one():
     probs, labels = _data()
 

@@ -21,6 +21,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from scipy import optimize
 
+from tools.metrics import bootstrap_p_value
+
 ArrayLike = Any
 Progress = Callable[[int, int], None] | None
 
@@ -611,12 +613,6 @@ def _percentile_interval(draws: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _bootstrap_p_value(draws: np.ndarray) -> float:
-    """Return the two-sided bootstrap p-value of 0, with the +1 correction so it is never 0."""
-    tail = min(np.count_nonzero(draws <= 0), np.count_nonzero(draws >= 0))
-    return float(min(1.0, 2.0 * (tail + 1) / (draws.size + 1)))
-
-
 def _registry_changes(
     probs_before: np.ndarray,
     probs_after: np.ndarray,
@@ -694,7 +690,7 @@ def _confidence_gap_change(
         delta=float(terms_after.mean() - terms_before.mean()),
         low=low,
         high=high,
-        p_value=_bootstrap_p_value(delta_draws),
+        p_value=bootstrap_p_value(delta_draws, float(terms_after.mean() - terms_before.mean())),
     )
     return change, (draws_before, draws_after)
 
@@ -774,9 +770,9 @@ FindingKind = Literal[
 ]
 
 
-def _difference_summary(draws: np.ndarray) -> tuple[float, float, float]:
+def _difference_summary(draws: np.ndarray, observed: float) -> tuple[float, float, float]:
     low, high = _percentile_interval(draws)
-    return low, high, _bootstrap_p_value(draws)
+    return low, high, bootstrap_p_value(draws, observed)
 
 
 def _finding(
@@ -789,7 +785,7 @@ def _finding(
     evidence: Any,
 ) -> dict[str, Any]:
     if isinstance(draws_or_interval, np.ndarray):
-        low, high, p_value = _difference_summary(draws_or_interval)
+        low, high, p_value = _difference_summary(draws_or_interval, effect)
     else:
         low, high, p_value = draws_or_interval
     return {
@@ -951,8 +947,8 @@ def _subgroup_findings(
             continue
         gap = verdict.change("confidence_gap")
         difference = verdict._gap_draws[1] - reference_draws
-        low, high, p_value = _difference_summary(difference)
         effect = gap.after - reference_gap.after
+        low, high, p_value = _difference_summary(difference, effect)
         if (low <= 0 <= high) or abs(effect) < min_effect:
             continue
 

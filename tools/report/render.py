@@ -232,9 +232,11 @@ def _methods(data: dict) -> list[str]:
         ("Image shifts are applied to the clean test images and compared with them on the same "
         "images (paired bootstrap). Subgroups and sites are compared with the rest of the test "
         "set (unpaired bootstrap)."),
-        (f"A finding needs a change of at least {minimum} in the metric's bad direction and a "
-        f"two-sided bootstrap p-value that passes Benjamini-Hochberg at FDR {fdr} across all "
-        "candidate findings of the audit."),
+        (f"A finding needs a change of at least {minimum} in the metric's bad direction, a 95 % "
+        "interval of the change that excludes 0, and a two-sided p-value that passes "
+        f"Benjamini-Hochberg at FDR {fdr} across all candidate findings of the audit. The "
+        "p-value is the normal approximation with the bootstrap standard error of the change, "
+        "so its smallest value does not depend on the number of resamples."),
         ("Traffic lights: green means no finding, amber an effect below twice the minimum "
         "relevant difference, red an effect above it."),
     ]
