@@ -323,6 +323,7 @@ def report(
     with bad_input_exits():
         with Store(store_path(store)) as db:
             audit = db.audit(audit_id)
+            db.require_finished(audit_id)
             include = (audit["spec"] or {}).get("report", {}).get("include_images", True)
             if audit["kind"] != "llm":
                 paths = write_audit_report(db, audit_id, out or Path("audits") / audit_id,
@@ -419,6 +420,9 @@ def compare(
         from tools.store import Store
 
         with Store(store_path(store)) as db:
+            for audit_id in (audit_a, audit_b):
+                db.require_audit(audit_id)
+                db.require_finished(audit_id)
             rows = compare_audits(db, audit_a, audit_b)
     shown = rows if show_all else [r for r in rows if r["condition"] == "clean"
                                    or r["verdict"] != "no clear change"]
@@ -466,6 +470,8 @@ def mitigate(
     store_file = store_path(store)
     out = out or Path("audits") / f"{audit_id}-mitigated"
     with bad_input_exits():
+        with Store(store_file) as db:
+            db.require_finished(audit_id)
         request = AugmentRetrainInput(audit_id=audit_id, store=store_file, out_dir=out,
                                       epochs=epochs, time_limit_s=time_limit,
                                       from_scratch=from_scratch, lr=lr)

@@ -233,6 +233,18 @@ class Store:
         if not self.has_audit(audit_id):
             raise StoreError(f"audit {audit_id} not found in {self.path}; `clinaudit runs` lists them")
 
+    def require_finished(self, audit_id: str) -> None:
+        """Raise StoreError unless the audit finished, so partial results are never read as whole."""
+        status = self.audit(audit_id)["status"]
+        if status == "finished":
+            return
+        how = {"running": "is still running or stopped without finishing",
+               "failed": "failed", "interrupted": "was interrupted"}.get(status, f"is {status}")
+        error = self.audit(audit_id)["meta"].get("error")
+        raise StoreError(f"audit {audit_id} {how}" + (f" ({error})" if error else "")
+                         + "; its results are incomplete, so it has no verdict. Run the audit "
+                         f"again, or resume a chat audit with `clinaudit chat --resume {audit_id}`")
+
     def audit(self, audit_id: str) -> dict[str, Any]:
         self.require_audit(audit_id)
         row = self.con.execute(
