@@ -1,8 +1,14 @@
 """Compare two audits of a model: which whole-set metrics got better or worse, per condition.
 
 Both audits' per-image predictions are in the store, so the change gets a bootstrap interval.
-It is paired when the two conditions contain the same images in the same order (a mitigated
-model re-audited on the same test set), and unpaired otherwise (a later monitoring batch).
+It is paired when the two conditions contain the same images in the same order with the same
+weights (a mitigated model re-audited on the same test set), and unpaired otherwise (a later
+monitoring batch).
+
+Every metric is evaluated with the per-image weights stored with the predictions. They are 1
+except in reweight conditions, which store the clean predictions with importance weights, so
+without them a reweight row would repeat the clean row instead of the value the audit stored.
+Prevalence conditions store only the rows they selected, so their predictions need no weights.
 """
 
 from __future__ import annotations
@@ -42,14 +48,15 @@ def compare_audits(store: Store, audit_a: str, audit_b: str, n_boot: int = 1000,
         b = store.predictions(audit_b, key)
         if a["probs"].shape[1] != b["probs"].shape[1]:
             continue
-        paired = len(a["ids"]) == len(b["ids"]) and bool(np.all(a["ids"] == b["ids"])) and \
-            bool(np.all(a["labels"] == b["labels"]))
-        if paired:
+        if _same_rows(a, b):
+            paired = True
             diffs = paired_bootstrap(metrics, a["probs"], b["probs"], a["labels"], n_boot=n_boot,
-                                     seed=seed)
+                                     seed=seed, weights=a["weights"])
         else:
+            paired = False
             diffs = unpaired_bootstrap(metrics, a["probs"], a["labels"], b["probs"], b["labels"],
-                                       n_boot=n_boot, seed=seed)
+                                       n_boot=n_boot, seed=seed, weights_a=a["weights"],
+                                       weights_b=b["weights"])
         for (metric_id, params), diff in zip(metrics, diffs.values()):
             rows.append({"condition": key, "metric": metric_id, "a": diff.reference,
                          "b": diff.condition, "delta": diff.delta, "low": diff.low,
@@ -71,3 +78,12 @@ def compare_audits(store: Store, audit_a: str, audit_b: str, n_boot: int = 1000,
             elif worsened:
                 row["verdict"] = "worse"
     return rows
+
+
+def _same_rows(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    """Tell whether two stored conditions have the same images, labels and weights in the same
+    order, so that a paired bootstrap with one set of weights applies to both."""
+    if len(a["ids"]) != len(b["ids"]):
+        return False
+    return (bool(np.all(a["ids"] == b["ids"])) and bool(np.all(a["labels"] == b["labels"]))
+            and bool(np.allclose(a["weights"], b["weights"], rtol=1e-12, atol=0.0)))
