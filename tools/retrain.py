@@ -1,12 +1,14 @@
 """Augment-and-retrain: turn an audit's damaging shifts into training augmentations, fine-tune,
 re-audit with the same plan, and measure how much of the lost performance came back.
 
-Recovered fraction, per shift condition and overall, on the audit's primary metric:
+Recovered fraction per shift condition, on the audit's primary metric:
     (after − before) / (clean − before)
 where `clean` is the audited model on the clean test set, `before` the audited model under the
-shift and `after` the retrained model under the same shift on the same images. A condition whose
-paired drop (clean − before) has a 95 % interval that reaches zero has nothing to recover and
-gets no fraction.
+shift and `after` the retrained model under the same shift on the same images (signs flipped for
+metrics where lower is better). Only a condition with a clear loss in the audit, a paired drop
+(clean − before) whose 95 % interval excludes zero, gets a fraction; it is negative when the
+retrained model is worse than the audited one. `recovery_table` defines the overall fraction,
+which also counts falls after retraining on the other conditions as negative.
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ def policy_from_audit(store: Store, audit_id: str, min_drop: float | None = None
         _, name, severity = row["condition"].split(":")
         severity = int(severity)
         highest[name] = max(highest.get(name, 0), severity)
+        if row["delta"] is None or not np.isfinite(row["delta"]):
+            continue
         drop = -row["delta"] if higher_is_better else row["delta"]
-        if drop is not None and np.isfinite(drop) and drop > worst.get(name, (-np.inf, 0))[0]:
+        if drop > worst.get(name, (-np.inf, 0))[0]:
             worst[name] = (float(drop), severity)
 
     chosen = [(name, drop, severity) for name, (drop, severity)
@@ -147,7 +151,28 @@ class AugmentRetrainOutput(BaseModel):
 
 def recovery_table(store: Store, before_id: str, after_id: str, metric: str
                    ) -> tuple[list[ConditionRecovery], float | None, float, float]:
-    """Compute the recovered fraction per shift condition and overall (see module docstring)."""
+    """Compute the recovery of every shift condition audited in both audits, and overall.
+
+    With the metric oriented so that higher is better, a condition has
+    loss = clean − before and gain = after − before. It has a clear loss when loss > 0 and the
+    95 % interval of its paired drop in audit `before_id` excludes zero, and only then does it
+    get a recovered fraction, gain / loss. Each row's note is:
+
+    - "worse after retraining" when gain < 0, whether or not the loss was clear;
+    - "nothing to recover" when the loss was not clear and retraining did not make it worse;
+    - "no clear loss in <metric>; audit findings on <metrics>" in place of "nothing to recover"
+      when the audit stored findings for the condition on other metrics only;
+    - "" for a clear loss that retraining reduced or left unchanged.
+
+    The overall recovered fraction is
+
+        (Σ_clear gain + Σ_other min(gain, 0)) / Σ_clear loss
+
+    over the conditions with a clear loss (clear) and the rest (other), so a fall after
+    retraining anywhere counts against it and a gain where nothing was lost adds nothing. It is
+    None when no condition has a clear loss. Returns the rows, the overall fraction, and the
+    metric on the clean test set before and after retraining.
+    """
     from tools.metrics import REGISTRY
 
     sign = 1.0 if REGISTRY[metric].higher_is_better else -1.0
@@ -158,27 +183,52 @@ def recovery_table(store: Store, before_id: str, after_id: str, metric: str
 
     before, after = values(before_id), values(after_id)
     drops = {d["condition"]: d for d in store.differences(before_id) if d["metric"] == metric}
+    other_findings: dict[str, set[str]] = {}
+    for finding in store.findings(before_id):
+        if finding["metric"] != metric:
+            other_findings.setdefault(finding["condition"], set()).add(finding["metric"])
     clean = before["clean"]
+
     rows, gained, lost = [], 0.0, 0.0
     for key in sorted(k for k in before if k.startswith("shift:") and k in after):
-        diff = drops.get(key, {})
-        # The drop in the bad direction and its interval.
-        low = -sign * diff["high"] if diff.get("high") is not None else None
-        high = -sign * diff["low"] if diff.get("low") is not None else None
+        drop_low, drop_high = _drop_interval(drops.get(key, {}), sign)
         lost_here = sign * (clean - before[key])
-        if low is None or low <= 0:
-            rows.append(ConditionRecovery(condition=key, clean=clean, before=before[key],
-                                          after=after[key], drop_low=low, drop_high=high,
-                                          recovered_fraction=None, note="nothing to recover"))
-            continue
         gained_here = sign * (after[key] - before[key])
-        gained += gained_here
-        lost += lost_here
+        clear_loss = drop_low is not None and drop_low > 0 and lost_here > 0
+
+        if clear_loss:
+            gained += gained_here
+            lost += lost_here
+            fraction = gained_here / lost_here
+        else:
+            gained += min(gained_here, 0.0)
+            fraction = None
+
+        if gained_here < 0:
+            note = "worse after retraining"
+        elif clear_loss:
+            note = ""
+        elif key in other_findings:
+            note = (f"no clear loss in {metric}; audit findings on "
+                    f"{', '.join(sorted(other_findings[key]))}")
+        else:
+            note = "nothing to recover"
         rows.append(ConditionRecovery(condition=key, clean=clean, before=before[key],
-                                      after=after[key], drop_low=low, drop_high=high,
-                                      recovered_fraction=gained_here / lost_here, note=""))
+                                      after=after[key], drop_low=drop_low, drop_high=drop_high,
+                                      recovered_fraction=fraction, note=note))
     overall = gained / lost if lost > 0 else None
     return rows, overall, clean, after.get("clean", float("nan"))
+
+
+def _drop_interval(difference: dict[str, Any], sign: float) -> tuple[float | None, float | None]:
+    """Return the 95 % interval of the drop (clean − condition, oriented by `sign` so that a
+    loss is positive) from a stored difference row, or (None, None) when it has none."""
+    low, high = difference.get("low"), difference.get("high")
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return None, None
+    # The stored interval bounds delta = condition − clean, and the drop is −sign · delta.
+    drop_low, drop_high = sorted((-sign * low, -sign * high))
+    return float(drop_low), float(drop_high)
 
 
 def augment_and_retrain(request: AugmentRetrainInput, progress: Progress | None = None
