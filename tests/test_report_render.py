@@ -333,3 +333,31 @@ def test_no_missed_case_sentence_when_fewer_are_missed():
                                          (0.7, "about 7 in 10")])
 def test_natural_frequency_never_says_one_in_one(rate, words):
     assert natural_frequency(rate) == words
+
+
+def test_verdict_counts_recalibration_findings_apart():
+    from tools.report.content import Lookup, verdict_view
+
+    data = minimal_data()
+    data["findings"].append({"id": "F9", "kind": "recalibration_harms",
+                             "condition": "shift:jpeg_compression:3", "metric": "ece_top_label",
+                             "effect": 0.1, "low": 0.05, "high": 0.15, "p_value": 0.001,
+                             "light": "red", "summary": "Recalibration raised the error.",
+                             "evidence": {}})
+
+    verdict = verdict_view(data, Lookup(data))
+    html = render_html(data)
+
+    assert verdict["n_findings"] == 1
+    assert verdict["n_recalibration_findings"] == 1
+    assert "1 about the audited model (0 red, 1 amber), and 1 about the recalibrated model" in html
+
+
+def test_recalibration_rows_judged_one_by_one():
+    from tools.report.render import _change_verdict
+
+    # ECE rose clearly, NLL fell within noise, Brier fell clearly, the signed gap gets none.
+    assert _change_verdict({"metric": "ece_top_label", "low": 0.02, "high": 0.09}) == "harmed"
+    assert _change_verdict({"metric": "nll", "low": -0.13, "high": 0.09}) == "no clear change"
+    assert _change_verdict({"metric": "brier", "low": -0.05, "high": -0.01}) == "helped"
+    assert _change_verdict({"metric": "confidence_gap", "low": -0.24, "high": -0.17}) == "–"

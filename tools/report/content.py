@@ -501,6 +501,8 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
         "n_findings": len(findings),
         "counts": {name: sum(1 for f in findings if f.get("light") == name)
                    for name in ("red", "amber")},
+        "n_recalibration_findings": sum(1 for f in data.get("findings") or []
+                                        if f.get("kind") in RECALIBRATION_KINDS),
     }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from tools.report.content import (
+    RECALIBRATION_KINDS,
     Lookup,
     ReportDataError,
     check_report_data,
@@ -103,9 +104,25 @@ def _calibration_view(data: dict, lookup: Lookup) -> dict | None:
                 "delta": fmt(change.get("delta")),
                 "interval": fmt_interval(change.get("low"), change.get("high")),
                 "p_value": fmt_p(change.get("p_value")),
-                "verdict": item.get("verdict", ""),
+                "verdict": _change_verdict(change),
             })
     return {"summary": summary, "sentence": calibration.get("sentence"), "rows": rows}
+
+
+def _change_verdict(change: dict) -> str:
+    """Judge one metric's change under recalibration from its own interval.
+
+    ECE, NLL and Brier score are better lower. The confidence gap is signed (confidence minus
+    accuracy), so its change alone says neither better nor worse and gets no verdict.
+    """
+    low, high = change.get("low"), change.get("high")
+    if change.get("metric") == "confidence_gap" or not (is_number(low) and is_number(high)):
+        return "–"
+    if high < 0:
+        return "helped"
+    if low > 0:
+        return "harmed"
+    return "no clear change"
 
 
 CONFIDENCE_SCORE_NAMES = {"msp": "maximum softmax probability",
@@ -338,7 +355,8 @@ def build_view(data: dict) -> dict:
         "top_findings": top,
         "more_findings": len(findings) - len(top),
         "all_findings": findings,
-        "finding_conditions": {f["condition"] for f in findings},
+        "finding_conditions": {f["condition"] for f in findings
+                               if f.get("kind") not in RECALIBRATION_KINDS},
         "metric_table": metric_table(data, lookup),
         "class_table": class_table(data, lookup),
         "differences": difference_rows(data, lookup),
