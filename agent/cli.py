@@ -115,6 +115,11 @@ def run(
     out: Path | None = OutOption,
     device: str | None = typer.Option(None, help="auto, cpu or cuda (overrides the spec)."),
     batch_size: int | None = typer.Option(None, help="Images per forward pass (overrides the spec)."),
+    bootstrap: int | None = typer.Option(None, help="Bootstrap resamples per interval "
+                                            "(overrides audit.bootstrap)."),
+    max_images: int | None = typer.Option(None, help="Audit at most this many test images, "
+                                             "drawn at random with the audit seed (overrides "
+                                             "audit.max_images)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan and its cost, then stop."),
     llm_model: str | None = typer.Option(None, "--llm-model", help="Plan with this model on an "
                                             "OpenAI-compatible endpoint (default: the offline "
@@ -129,9 +134,8 @@ def run(
     store_file = store_path(store)
     with bad_input_exits():
         spec = load_spec(spec_file)
-        overrides = {k: v for k, v in {"device": device, "batch_size": batch_size}.items() if v}
-        if overrides:
-            spec.audit = spec.audit.model_copy(update=overrides)
+        spec.audit = _override_audit(spec.audit, {"device": device, "batch_size": batch_size,
+                                                  "bootstrap": bootstrap, "max_images": max_images})
         # Only a model named on the command line switches the LLM on, so scripted audits and
         # gates stay deterministic by default.
         planner = planner_from_options(llm_model, llm_base_url, use_env_model=False)
@@ -149,6 +153,24 @@ def run(
     print_summary(store_file, state["audit_id"], state.get("report_paths", {}))
     if spec.gates:
         _check_gates(store_file, state["audit_id"], spec.gates)
+
+
+def _override_audit(audit, options: dict):
+    """Return the spec's audit section with the options given on the command line, validated."""
+    from pydantic import ValidationError
+
+    from tools.spec import SpecError
+
+    given = {name: value for name, value in options.items() if value is not None}
+    if not given:
+        return audit
+    try:
+        return type(audit).model_validate({**audit.model_dump(), **given})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        option = "--" + str(problem["loc"][0]).replace("_", "-")
+        message = problem["msg"].removeprefix("Value error, ")
+        raise SpecError(f"{option} {given.get(problem['loc'][0])!r}: {message}") from None
 
 
 def _check_gates(store_file: Path, audit_id: str, gates) -> None:

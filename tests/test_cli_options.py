@@ -1,0 +1,52 @@
+"""Command-line options of `clinaudit run` that override the spec's audit section."""
+
+from __future__ import annotations
+
+import pytest
+from test_end_to_end import write_spec
+from typer.testing import CliRunner
+
+from agent.cli import app
+from tools.store import Store
+
+pytestmark = pytest.mark.e2e
+
+SMALL_PLAN = {
+    "metrics": [{"id": "accuracy"}],
+    "primary_metric": "accuracy",
+    "shifts": [{"name": "gaussian_noise", "severities": [5]}],
+}
+
+
+def test_run_overrides_shrink_the_audit(tmp_path, ham_dir, small_ham_manifest, tiny_model):
+    spec = write_spec(tmp_path, ham_dir, small_ham_manifest, tiny_model, plan=SMALL_PLAN)
+    store = tmp_path / "audits.duckdb"
+
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(store),
+                                      "--out", str(tmp_path / "report"),
+                                      "--max-images", "60", "--bootstrap", "30"])
+
+    assert result.exit_code == 0, result.output
+    with Store(store) as db:
+        audit_id = db.list_audits()[-1]["id"]
+        clean = db.predictions(audit_id, "clean")
+        settings = db.audit(audit_id)["spec"]["audit"]
+    assert len(clean["ids"]) == 60
+    assert settings["bootstrap"] == 30
+    assert settings["max_images"] == 60
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-images", "0", "--max-images 0: must be at least 1"),
+    ("--bootstrap", "5", "--bootstrap 5: 5 replicates are too few"),
+    ("--batch-size", "0", "--batch-size 0: Input should be greater than 0"),
+])
+def test_run_rejects_bad_override(tmp_path, ham_dir, small_ham_manifest, tiny_model, option, value,
+                                  message):
+    spec = write_spec(tmp_path, ham_dir, small_ham_manifest, tiny_model, plan=SMALL_PLAN)
+
+    result = CliRunner().invoke(app, ["run", str(spec), "--plan-only", option, value,
+                                      "--store", str(tmp_path / "a.duckdb")])
+
+    assert result.exit_code == 2
+    assert message in result.output
