@@ -395,3 +395,29 @@ def test_unknown_positive_class_exits_two(audited, ham_dir, small_ham_manifest, 
                                           *extra])
         assert result.exit_code == 2, result.output
         assert "context.positive_class: 'melanoma' is not one of" in result.output
+
+
+def test_compare_population_rows_match_stored_results(audited):
+    """An audit compared with itself shows, for reweight and prevalence conditions, the values
+    the audit stored, and those match a weighted accuracy computed here with numpy."""
+    with Store(audited["store"]) as db:
+        rows = compare_audits(db, audited["audit_id"], audited["audit_id"], n_boot=20)
+        stored = {(r["condition"], r["metric"]): r["value"]
+                  for r in db.results(audited["audit_id"]) if r["class"] is None}
+        predictions = {key: db.predictions(audited["audit_id"], key)
+                       for key in ("clean", "reweight:equal_sex", "prevalence:nv_mel_even")}
+    compared = {(r["condition"], r["metric"]): r for r in rows}
+
+    for key, condition_predictions in predictions.items():
+        correct = (condition_predictions["probs"].argmax(axis=1)
+                   == condition_predictions["labels"])
+        weights = condition_predictions["weights"]
+        by_hand = float((weights * correct).sum() / weights.sum())
+        row = compared[(key, "accuracy")]
+        assert row["paired"], key
+        assert row["a"] == pytest.approx(by_hand, abs=1e-12), key
+        assert row["a"] == pytest.approx(stored[(key, "accuracy")], abs=1e-12), key
+        assert row["delta"] == 0, key
+    for metric in ("balanced_accuracy", "brier", "ece_top_label"):
+        key = ("reweight:equal_sex", metric)
+        assert compared[key]["a"] == pytest.approx(stored[key], abs=1e-12), metric
