@@ -7,6 +7,7 @@ expands from the environment.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -24,6 +25,76 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The smallest model input side at which every registered shift runs at every severity. The
+# elastic shift smooths with sigma = 8 % of the side, and albumentations rejects sigma below 1.
+# This was measured by shifting random uint8 images of every side from 1 to 40 px, and of 48,
+# 64, 128 and 224 px, with every shift and severity. tests/test_spec_checks.py repeats the
+# measurement at 12 and 13 px.
+MIN_INPUT_SIZE = 13
+
+# The fewest bootstrap replicates that tools/calibration.py accepts for the temperature fit and
+# for the recalibration check, which every audit with a calibration split runs.
+MIN_BOOTSTRAP = 20
+
+# A context.domain that matches no preset but is this close to a preset's name (difflib ratio)
+# is taken for a misspelling. One wrong letter in "dermatology" scores 0.91 to 0.95, while real
+# domains without a preset score less, such as "hepatology" (0.86) and "dermatopathology" (0.82).
+_DOMAIN_TYPO_RATIO = 0.9
+
+
+def _unknown_name_message(kind: str, value: str, known: list[str]) -> str:
+    """Describe an unknown registry name with its closest match and every valid name."""
+    close = difflib.get_close_matches(value, known, n=1)
+    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {kind} {value!r}{suggestion}; known {kind}s: {', '.join(sorted(known))}"
+
+
+def _check_metric_id(value: str) -> str:
+    # Imported here because the metric registry pulls in scipy, which loading a spec does not need.
+    from tools.metrics import REGISTRY
+
+    if value not in REGISTRY:
+        raise ValueError(_unknown_name_message("metric", value, list(REGISTRY)))
+    return value
+
+
+def _check_shift_name(value: str) -> str:
+    from tools.shifts import SHIFTS
+
+    if value not in SHIFTS:
+        raise ValueError(_unknown_name_message("shift", value, list(SHIFTS)))
+    return value
+
+
+def _check_domain(value: str | None) -> str | None:
+    """Accept a domain the rules planner finds a preset for, and reject near misses of one.
+
+    The rules planner takes a preset when the lower-case domain, with spaces as underscores, is a
+    preset name, or when it equals one of the preset's aliases. Any other domain gets the generic
+    shifts, which is right for a domain without a preset ("radiography") but silently wrong for a
+    misspelt one ("dermatolgy").
+    """
+    if value is None:
+        return None
+    from tools.shifts import DOMAIN_PRESETS
+
+    domain = value.strip()
+    lowered = domain.lower()
+    if lowered.replace(" ", "_") in DOMAIN_PRESETS:
+        return domain
+    if any(lowered in preset.aliases for preset in DOMAIN_PRESETS.values()):
+        return domain
+
+    names = sorted(DOMAIN_PRESETS)
+    close = difflib.get_close_matches(lowered.replace(" ", "_"), names, n=1,
+                                      cutoff=_DOMAIN_TYPO_RATIO)
+    if close:
+        raise ValueError(
+            f"unknown domain {value!r} (did you mean {close[0]!r}?); domains with a shift preset: "
+            f"{', '.join(names)}; another domain gets the generic shifts")
+    return domain
+
+
 class Normalization(_Strict):
     mean: list[float] = [0.485, 0.456, 0.406]
     std: list[float] = [0.229, 0.224, 0.225]
@@ -38,6 +109,14 @@ class ModelSpec(_Strict):
     normalization: Normalization = Normalization()
     outputs: Literal["logits", "probabilities", "binary_logit"] = "logits"
     in_chans: int = 3
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size_fits_shifts(cls, value: int) -> int:
+        if value < MIN_INPUT_SIZE:
+            raise ValueError(f"{value} px is too small: the image shifts need an input size of at "
+                             f"least {MIN_INPUT_SIZE} px")
+        return value
 
 
 class SplitSpec(_Strict):
@@ -94,17 +173,32 @@ class Context(_Strict):
     referral_metric: Literal["accuracy", "sensitivity"] = "accuracy"
     cost_matrix: list[list[float]] | None = None
 
+    @field_validator("domain")
+    @classmethod
+    def _domain_is_not_misspelt(cls, value: str | None) -> str | None:
+        return _check_domain(value)
+
 
 class MetricChoice(_Strict):
     id: str
     params: dict[str, Any] = {}
     reason: str = ""
 
+    @field_validator("id")
+    @classmethod
+    def _id_is_registered(cls, value: str) -> str:
+        return _check_metric_id(value)
+
 
 class ShiftChoice(_Strict):
     name: str
     severities: list[int] = [1, 2, 3, 4, 5]
     reason: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_registered(cls, value: str) -> str:
+        return _check_shift_name(value)
 
     @field_validator("severities")
     @classmethod
@@ -158,15 +252,37 @@ class AuditPlan(_Strict):
     cost: PlanCost | None = None
     planner: str = "rules"
 
+    @field_validator("primary_metric")
+    @classmethod
+    def _primary_is_registered(cls, value: str) -> str:
+        return _check_metric_id(value)
+
 
 class AuditSettings(_Strict):
-    bootstrap: int = Field(1000, ge=0)
+    bootstrap: int = 1000
     seed: int = 0
+    # None audits every test image.
     max_images: int | None = None
     device: str = "auto"
     batch_size: int = Field(256, gt=0)
     min_relevant_difference: float = Field(0.05, ge=0)
     fdr: float = Field(0.05, gt=0, lt=1)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _enough_replicates(cls, value: int) -> int:
+        if value < MIN_BOOTSTRAP:
+            raise ValueError(f"{value} replicates are too few: temperature scaling and its check "
+                             f"under shift need at least {MIN_BOOTSTRAP} (default 1000)")
+        return value
+
+    @field_validator("max_images")
+    @classmethod
+    def _at_least_one_image(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be at least 1, got {value}; leave it out (or null) to audit "
+                             "every test image")
+        return value
 
 
 class ReportSettings(_Strict):
@@ -179,12 +295,24 @@ class Gate(_Strict):
     max_drop: float | None = None
     min_value: float | None = None
 
+    @field_validator("metric")
+    @classmethod
+    def _metric_is_registered(cls, value: str) -> str:
+        return _check_metric_id(value)
+
+    @model_validator(mode="after")
+    def _has_a_bound(self) -> Gate:
+        if self.max_drop is None and self.min_value is None:
+            raise ValueError(f"the gate on {self.metric} checks nothing: give max_drop, "
+                             "min_value or both")
+        return self
+
 
 class MonitorSettings(_Strict):
     """Alert thresholds for `clinaudit monitor`; None leaves a check off."""
 
-    max_accuracy_drop: float | None = Field(None, ge=0)
-    max_balanced_accuracy_drop: float | None = Field(None, ge=0)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    max_balanced_accuracy_drop: float | None = Field(None, ge=0, le=1)
     max_drift_p: float | None = Field(None, gt=0, lt=1)
 
 
@@ -237,14 +365,22 @@ def _resolve_paths(spec: AuditSpec, base: Path) -> AuditSpec:
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:
-    """Format the first pydantic error as one line: `source: field.path: message`."""
-    first = error.errors()[0]
-    path = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    """Format one pydantic error as one line: `source: field.path: message`.
+
+    An unknown field is reported before the other errors; the rest are counted.
+    """
+    errors = error.errors()
+    # A misspelt field name often explains the other errors, so unknown fields come first.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown field"
-    more = len(error.errors()) - 1
+    elif first["type"] == "value_error" and "error" in first.get("ctx", {}):
+        # The validators' own messages, without pydantic's "Value error, " prefix.
+        message = str(first["ctx"]["error"])
+    more = len(errors) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    path = ".".join(str(part) for part in first["loc"]) or "(top level)"
     return f"{source}: {path}: {message}{suffix}"
 
 
