@@ -34,6 +34,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit a medical image classifier under distribution shift.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"clinaudit {version('clinaudit')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    show_version: bool = typer.Option(False, "--version", metavar="", callback=_print_version,
+                                      is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Audit a medical image classifier under distribution shift."""
+
+
 def print_plan(plan) -> None:
     from rich.table import Table
 
@@ -120,7 +136,7 @@ def run(
     max_images: int | None = typer.Option(None, help="Audit at most this many test images, "
                                              "drawn at random with the audit seed (overrides "
                                              "audit.max_images)."),
-    plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan and its cost, then stop."),
+    plan_only: bool = typer.Option(False, "--plan-only", metavar="", help="Print the plan and its cost, then stop."),
     llm_model: str | None = typer.Option(None, "--llm-model", help="Plan with this model on an "
                                             "OpenAI-compatible endpoint (default: the offline "
                                             "rules planner)."),
@@ -219,7 +235,7 @@ def demo(
     max_images: int | None = typer.Option(None, help="Audit at most this many test images."),
     shifts: str | None = typer.Option(None, help="Comma-separated shift names to keep "
                                          "(default: the dermatology preset)."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Start from published timm "
+    pretrained: bool = typer.Option(False, "--pretrained", metavar="", help="Start from published timm "
                                     "weights (downloads them; needs network)."),
 ) -> None:
     """Train a small model on ham10000_subset, audit it, and write the report."""
@@ -335,7 +351,7 @@ def report(
     audit_id: str = typer.Argument(..., help="Audit id (see `clinaudit runs`)."),
     store: Path | None = StoreOption,
     out: Path | None = OutOption,
-    pdf: bool = typer.Option(False, "--pdf", help="Also print the HTML to report.pdf with "
+    pdf: bool = typer.Option(False, "--pdf", metavar="", help="Also print the HTML to report.pdf with "
                              "headless Chromium."),
 ) -> None:
     """Re-render an audit's report from the store (shows reviews added since)."""
@@ -373,13 +389,16 @@ def runs(store: Path | None = StoreOption) -> None:
 
     with bad_input_exits(), Store(store_path(store)) as db:
         audits = db.list_audits()
+    # The audit id starts with its creation time, so no separate date column is needed.
     table = Table(title=f"Audits in {store_path(store)}")
-    table.add_column("audit id", no_wrap=True, overflow="fold")
-    for column in ("created", "kind", "status", "conditions", "findings"):
-        table.add_column(column)
+    table.add_column("audit id", no_wrap=True)
+    table.add_column("data", overflow="fold")
+    for column in ("kind", "status", "conditions", "findings"):
+        table.add_column(column, no_wrap=True)
     for audit in audits:
-        table.add_row(audit["id"], f"{audit['created_at']:%Y-%m-%d %H:%M}", audit["kind"],
-                      audit["status"], str(audit["conditions"]), str(audit["findings"]))
+        data = audit["meta"].get("data_name") or audit["meta"].get("target_model") or ""
+        table.add_row(audit["id"], str(data), audit["kind"], audit["status"],
+                      str(audit["conditions"]), str(audit["findings"]))
     console.print(table)
 
 
@@ -387,7 +406,7 @@ def runs(store: Path | None = StoreOption) -> None:
 def delete(
     audit_id: str = typer.Argument(..., help="Audit id to remove with all its data."),
     store: Path | None = StoreOption,
-    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    yes: bool = typer.Option(False, "--yes", metavar="", help="Do not ask for confirmation."),
 ) -> None:
     """Remove an audit with its predictions, results, findings and reviews."""
     from tools.store import Store
@@ -430,7 +449,7 @@ def compare(
     audit_a: str = typer.Argument(..., help="Earlier audit id."),
     audit_b: str = typer.Argument(..., help="Later audit id."),
     store: Path | None = StoreOption,
-    show_all: bool = typer.Option(False, "--all", help="List every condition and metric, not "
+    show_all: bool = typer.Option(False, "--all", metavar="", help="List every condition and metric, not "
                                   "only clean and the clear changes."),
 ) -> None:
     """Show which whole-set metrics got better or worse between two audits, per condition."""
@@ -477,7 +496,7 @@ def mitigate(
     out: Path | None = OutOption,
     epochs: int = typer.Option(5, help="Fine-tuning epochs."),
     time_limit: float = typer.Option(1800, help="Training time limit in seconds."),
-    from_scratch: bool = typer.Option(False, "--from-scratch", help="Train a new model instead "
+    from_scratch: bool = typer.Option(False, "--from-scratch", metavar="", help="Train a new model instead "
                                       "of fine-tuning the audited checkpoint."),
     lr: float = typer.Option(1e-3, help="Peak learning rate."),
 ) -> None:
@@ -506,13 +525,17 @@ def mitigate(
     for column in ("condition", "clean", "before", "after", "recovered"):
         table.add_column(column)
     for row in result.conditions:
-        recovered = row.note if row.recovered_fraction is None else f"{row.recovered_fraction:.0%}"
+        if row.recovered_fraction is None:
+            recovered = row.note
+        else:
+            recovered = f"{row.recovered_fraction:.0%}" + (f" ({row.note})" if row.note else "")
         table.add_row(row.condition, f"{row.clean:.3f}", f"{row.before:.3f}", f"{row.after:.3f}",
                       recovered)
     console.print(table)
     overall = result.overall_recovered_fraction
     console.print(f"Clean {result.metric}: {result.clean_before:.3f} -> {result.clean_after:.3f}. "
-                  f"Overall recovered: {'n/a' if overall is None else f'{overall:.0%}'}.")
+                  "Net recovered over the clear losses, after subtracting falls elsewhere: "
+                  f"{'n/a' if overall is None else f'{overall:.0%}'}.")
     for kind, path in paths.items():
         console.print(f"{kind}: {path}")
 

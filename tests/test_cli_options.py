@@ -50,3 +50,21 @@ def test_run_rejects_bad_override(tmp_path, ham_dir, small_ham_manifest, tiny_mo
 
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_version_option_prints_installed_version():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+
+    assert result.exit_code == 0
+    assert result.output.strip() == f"clinaudit {version('clinaudit')}"
+
+
+@pytest.mark.parametrize("command, flag", [("run", "--plan-only"), ("report", "--pdf"),
+                                           ("delete", "--yes"), ("compare", "--all")])
+def test_flags_show_no_value_placeholder(command, flag):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "120"})
+
+    line = next(line for line in result.output.splitlines() if flag in line)
+    assert "<bool>" not in line
