@@ -24,6 +24,13 @@ from agent.cli_common import (
     store_path,
 )
 
+# Default shown in the help of each --max-* option, because without a threshold the check is off.
+NO_THRESHOLD = "none: never alerts"
+ALERTS_NOT_CHECKED = (
+    "Alerts not checked: no threshold is set, so this batch cannot raise an alert. Pass "
+    "--max-accuracy-drop, --max-balanced-accuracy-drop or --max-drift-p, or audit with a spec "
+    "whose monitor: section sets max_accuracy_drop, max_balanced_accuracy_drop or max_drift_p.")
+
 
 @contextmanager
 def _monitor_errors() -> Iterator[None]:
@@ -56,13 +63,15 @@ def monitor(
                                               "image paths relative to --images."),
     max_accuracy_drop: float | None = typer.Option(
         None, help="Alert when estimated accuracy (ATC) is more than this below the audited "
-        "clean accuracy, as a fraction (0.05 = 5 points)."),
+        "clean accuracy, as a fraction (0.05 = 5 points). Overrides "
+        "monitor.max_accuracy_drop of the audit's spec.", show_default=NO_THRESHOLD),
     max_balanced_accuracy_drop: float | None = typer.Option(
         None, help="Alert when estimated balanced accuracy (ATC) is more than this below the "
-        "audited clean balanced accuracy."),
+        "audited clean balanced accuracy. Overrides "
+        "monitor.max_balanced_accuracy_drop of the audit's spec.", show_default=NO_THRESHOLD),
     max_drift_p: float | None = typer.Option(
         None, help="Alert when a drift test's p-value (adjusted over the image statistics) is "
-        "below this."),
+        "below this. Overrides monitor.max_drift_p of the audit's spec.", show_default=NO_THRESHOLD),
     bootstrap: int | None = typer.Option(None, help="Bootstrap replicates per interval "
                                             "(default: the audit's)."),
     sample: int = typer.Option(200, help="Clean test images re-shifted per audited shift to "
@@ -137,7 +146,9 @@ def monitor(
             console.print(f"  - {alert}", highlight=False)
         raise typer.Exit(1)
     if any(value is not None for value in record["thresholds"].values()):
-        console.print("[green]No alert.[/]")
+        console.print("[green]No alerts.[/]")
+    else:
+        console.print(ALERTS_NOT_CHECKED, highlight=False)
 
 
 def _thresholds(model, raw_spec: dict[str, Any], max_accuracy_drop, max_balanced_accuracy_drop,

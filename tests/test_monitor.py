@@ -583,3 +583,51 @@ def test_monitor_bad_input_exits_2(tiny_audit, case):
     assert expected in message
     if case == "missing_store":
         assert not store.exists()
+
+
+def flattened(output: str) -> str:
+    """Join rich's wrapped lines and table borders into one line of single-spaced words."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def test_monitor_states_whether_alerts_checked(tiny_audit, ham_dir):
+    from typer.testing import CliRunner
+
+    store, audit_id, test_ids, folder = tiny_audit
+    batch = write_batch(folder / "unchecked", ham_dir, test_ids[:40], ("brightness", 4))
+    args = ["--audit", audit_id, "--data", str(batch), "--store", str(store), "--bootstrap", "0"]
+
+    unchecked = CliRunner().invoke(monitor_app(), [*args, "--out", str(folder / "m_unchecked")])
+    assert unchecked.exit_code == 0, unchecked.output
+    text = flattened(unchecked.output)
+    assert ("Alerts not checked: no threshold is set, so this batch cannot raise an alert. Pass "
+            "--max-accuracy-drop, --max-balanced-accuracy-drop or --max-drift-p, or audit with "
+            "a spec whose monitor: section sets max_accuracy_drop, max_balanced_accuracy_drop "
+            "or max_drift_p.") in text
+    assert "No alerts" not in text
+
+    # A drop can never exceed 1 and no p-value is below 1e-300, so both checks run and pass.
+    checked = CliRunner().invoke(monitor_app(), [*args, "--out", str(folder / "m_checked"),
+                                                 "--max-accuracy-drop", "1",
+                                                 "--max-drift-p", "1e-300"])
+    assert checked.exit_code == 0, checked.output
+    text = flattened(checked.output)
+    assert text.endswith("No alerts.")
+    assert "Alerts not checked" not in text
+    record = json.loads(next((folder / "m_checked").glob("monitor-*.json")).read_text())
+    assert record["thresholds"] == {"max_accuracy_drop": 1.0, "max_balanced_accuracy_drop": None,
+                                    "max_drift_p": 1e-300}
+    assert record["alerts"] == []
+
+
+def test_monitor_help_shows_threshold_defaults():
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(monitor_app(), ["--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    text = flattened(result.output)
+    for option in ("--max-accuracy-drop", "--max-balanced-accuracy-drop", "--max-drift-p"):
+        after = text.split(option, 1)[1]
+        # Each option's own help, up to the next option, names the default.
+        own_help = after.split(" --", 1)[0]
+        assert "[default: (none: never alerts)]" in own_help, own_help
