@@ -464,8 +464,50 @@ class AuditRunner:
         self.progress("Referral rule", 1, 1)
 
 
+# A metric of one class (its sensitivity, say) is not tested under a condition with fewer rows of
+# that class than this: with 3 melanomas a site's sensitivity can only be 0, 1/3, 2/3 or 1, and
+# its bootstrap interval collapses to a point.
+MIN_CLASS_ROWS = 10
+
+# Metrics whose value rests on the rows of the positive class, and the one that rests on the
+# rows predicted as that class.
+_POSITIVE_ROW_METRICS = {"sensitivity", "lr_plus", "f_beta", "auroc", "average_precision",
+                         "ece_positive_class", "oe_ratio_class"}
+_PREDICTED_ROW_METRICS = {"ppv"}
+
+
+def thin_class_conditions(store: Store, audit_id: str, plan: dict) -> list[dict[str, Any]]:
+    """List (condition, metric) pairs whose class has fewer than MIN_CLASS_ROWS rows there.
+
+    Only metrics planned with a positive class are checked. Returns dicts with condition,
+    metric, positive_class (index), rows (the count) and counted ("labels" or "predictions").
+    """
+    classes = {m["id"]: m.get("params", {}).get("positive_class") for m in plan.get("metrics", [])}
+    checked = {metric: k for metric, k in classes.items() if isinstance(k, int)
+               and metric in _POSITIVE_ROW_METRICS | _PREDICTED_ROW_METRICS}
+    if not checked:
+        return []
+    thin = []
+    for condition in store.conditions(audit_id):
+        if condition.too_small:
+            continue
+        stored = store.predictions(audit_id, condition.key)
+        predicted = stored["probs"].argmax(axis=1)
+        for metric, k in checked.items():
+            by_prediction = metric in _PREDICTED_ROW_METRICS
+            rows = int(np.sum((predicted if by_prediction else stored["labels"]) == k))
+            if rows < MIN_CLASS_ROWS:
+                thin.append({"condition": condition.key, "metric": metric, "positive_class": k,
+                             "rows": rows, "counted": "predictions" if by_prediction else "labels"})
+    return thin
+
+
 def find_and_store_findings(store: Store, audit_id: str, spec: AuditSpec) -> list[dict[str, Any]]:
-    """Run failure-mode detection over every stored difference of the audit and store it."""
+    """Run failure-mode detection over every stored difference of the audit and store it.
+
+    Differences of a one-class metric under a condition with fewer than MIN_CLASS_ROWS rows of
+    that class are left out and listed in the artifact "thin_class_conditions".
+    """
     from tools.findings import detect_findings
     from tools.metrics import REGISTRY
 
@@ -479,7 +521,12 @@ def find_and_store_findings(store: Store, audit_id: str, spec: AuditSpec) -> lis
                           "too_small": c.too_small} for c in store.conditions(audit_id)}
     extra = (store.artifact(audit_id, "calibration_candidates") or []) + (
         store.artifact(audit_id, "referral_candidates") or [])
-    findings = detect_findings(store.differences(audit_id), conditions, info,
+    thin = thin_class_conditions(store, audit_id, store.audit(audit_id)["plan"] or {})
+    store.save_artifact(audit_id, "thin_class_conditions", thin)
+    skipped = {(t["condition"], t["metric"]) for t in thin}
+    differences = [d for d in store.differences(audit_id)
+                   if (d["condition"], d["metric"]) not in skipped]
+    findings = detect_findings(differences, conditions, info,
                                spec.audit.min_relevant_difference, spec.audit.fdr,
                                extra_candidates=extra)
     store.save_findings(audit_id, findings)
