@@ -159,7 +159,8 @@ def run(
             from agent import resources
             from agent.graph import check_context_classes
 
-            info = resources.describe(resources.load(spec), spec.data.group_column)
+            info = resources.describe(resources.load(spec), spec.data.group_column,
+                                     max_images=spec.audit.max_images)
             check_context_classes(spec.context, info.classes)
             chosen = spec.plan or planner.plan(spec.context, info, n_boot=spec.audit.bootstrap)
             print_plan(chosen)

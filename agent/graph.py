@@ -55,7 +55,7 @@ def interview(state: AuditState, config: RunnableConfig | None = None) -> dict[s
     options = _options(config)
     spec = _spec(state)
     loaded = resources.load(spec)
-    info = resources.describe(loaded, spec.data.group_column)
+    info = resources.describe(loaded, spec.data.group_column, max_images=spec.audit.max_images)
     context = Context.model_validate(state.get("context") or spec.context.model_dump())
     context = options["planner"].interview(context, info, options.get("ask"))
     check_context_classes(context, info.classes)

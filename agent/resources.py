@@ -49,10 +49,12 @@ def load(spec: AuditSpec) -> Loaded:
     return _cache[key]
 
 
-def describe(loaded: Loaded, group_column: str | None = None) -> DatasetInfo:
+def describe(loaded: Loaded, group_column: str | None = None,
+             max_images: int | None = None) -> DatasetInfo:
     """Summarise the data as aggregates only: counts, column names, common values.
 
-    The group column (patient or lesion id) is left out.
+    The group column (patient or lesion id) is left out. max_images is the spec's
+    audit.max_images, which the plan's cost estimate counts instead of the whole test split.
     """
     dataset = loaded.dataset
     split = list(dataset.split)
@@ -76,6 +78,7 @@ def describe(loaded: Loaded, group_column: str | None = None) -> DatasetInfo:
         classes=list(dataset.classes),
         class_counts={c: int(counts.get(i, 0)) for i, c in enumerate(dataset.classes)},
         n_train=split.count("train"), n_calibration=split.count("calibration"),
-        n_test=split.count("test"), greyscale=bool(dataset.greyscale), metadata=columns,
+        n_test=split.count("test"), max_images=max_images,
+        greyscale=bool(dataset.greyscale), metadata=columns,
         input_size=loaded.classifier.input_size, externals=list(loaded.externals),
     )

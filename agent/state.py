@@ -34,6 +34,8 @@ class DatasetInfo(BaseModel):
     greyscale: bool
     metadata: list[ColumnSummary] = []
     input_size: int = 64
+    # The audit's audit.max_images: the audit predicts at most this many test images.
+    max_images: int | None = None
     externals: list[str] = []
 
 

@@ -245,7 +245,8 @@ def age_bands(oldest: float | None) -> list[float]:
 
 def estimate_cost(plan: AuditPlan, info: DatasetInfo, n_boot: int) -> PlanCost:
     shift_conditions = sum(len(s.severities) for s in plan.shifts)
-    images = info.n_test * (1 + shift_conditions)
+    audited = info.n_test if info.max_images is None else min(info.n_test, info.max_images)
+    images = audited * (1 + shift_conditions)
     conditions = 1 + shift_conditions + len(plan.subgroups) * 3 + (5 if plan.site_column else 0)
     # Bootstrap cost is about linear in replicates and conditions; ~2 ms per replicate measured
     # for six metrics on a few thousand images.
