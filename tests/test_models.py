@@ -114,6 +114,19 @@ def test_spec_fields_override_model_card(trained) -> None:
     assert loaded.predict_proba(random_images(2, 48)).shape == (2, 3)
 
 
+def test_model_card_input_size_too_small(trained, tmp_path: Path) -> None:
+    import shutil
+
+    _, path = trained
+    copy = tmp_path / "small.pt"
+    shutil.copy(path, copy)
+    card = json.loads(path.with_suffix(".json").read_text())
+    copy.with_suffix(".json").write_text(json.dumps({**card, "input_size": 7}))
+
+    with pytest.raises(ModelError, match=r"small.json: input_size 7 is invalid: .* at least 13 px"):
+        load_classifier(ModelSpec(checkpoint=copy), device="cpu")
+
+
 def test_mismatched_checkpoint_names_file_and_key(trained, tmp_path: Path) -> None:
     _, path = trained
     spec = ModelSpec(checkpoint=path, classes=["a", "b", "c", "d"])

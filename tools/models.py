@@ -257,6 +257,12 @@ def _settings_from_spec_and_card(spec: ModelSpec, card: dict[str, Any], source: 
         if key not in chosen and card.get(key) is not None:
             value = card[key]
         settings[key] = value
+    from tools.spec import MIN_INPUT_SIZE
+
+    if not isinstance(settings["input_size"], int) or settings["input_size"] < MIN_INPUT_SIZE:
+        raise ModelError(f"model card {source.with_suffix('.json')}: input_size "
+                         f"{settings['input_size']!r} is invalid: the image shifts need an integer "
+                         f"of at least {MIN_INPUT_SIZE} px")
 
     normalization = spec.normalization.model_dump()
     if "normalization" not in chosen and isinstance(card.get("normalization"), dict):
