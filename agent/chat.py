@@ -4,7 +4,9 @@ The command requests only the context the spec or the options leave open, shows 
 its cost and asks to confirm it, then runs the audit with progress bars. A langgraph SQLite
 checkpointer keeps the conversation state (context and plan) under the audit id, and the store
 keeps finished conditions, so `--resume AUDIT_ID` continues after Ctrl-C or a crash without
-redoing either.
+redoing either. An interview that stops with an exception (Ctrl-C, the end of piped input, an
+LLM error) first writes the answers given so far into the checkpoint. After the audit, the
+spec's gates are checked as `clinaudit run` checks them, and a failed gate exits with code 1.
 """
 
 from __future__ import annotations
@@ -172,6 +174,73 @@ def _ask_choice(question: str, choices: list[str]) -> str:
     return _ask(question, "", choices)
 
 
+class InterviewRecorder:
+    """The `ask` function of the graph, which prompts the user and records each answer to a
+    context field, so that an interrupted interview can save them in the checkpoint."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[str, str]] = []
+
+    def __call__(self, question: str, field: str, choices: list[str] | None) -> str:
+        answer = _ask(question, field, choices)
+        if field and answer is not None:
+            self.answers.append((field, answer))
+        return answer
+
+
+def save_interview_answers(graph, config: dict, answers: list[tuple[str, str]]) -> int:
+    """Write the answers of an unfinished interview into the checkpointed context and return how
+    many were written.
+
+    The interview node returns its context only when it finishes, so without this a resumed
+    chat would ask every question again. The update is recorded as the graph's input, so the
+    checkpoint still continues at the interview, which asks only the fields left unset.
+    NOTE: an answer that leaves its field unset (positive class "none") and answers to free
+    questions without a field are not saved, so a resumed interview may ask them again.
+    """
+    from langgraph.graph import START
+
+    from agent.planners.rules import apply_answer
+    from tools.spec import Context
+
+    snapshot = graph.get_state(config)
+    if not answers or "interview" not in snapshot.next:
+        return 0
+    context = Context.model_validate(snapshot.values.get("context") or {})
+    saved = 0
+    for field, answer in answers:
+        try:
+            # apply_answer does not validate, so validate each step and skip an invalid answer.
+            context = Context.model_validate(apply_answer(context, field, answer).model_dump())
+        except ValueError:
+            continue
+        saved += 1
+    graph.update_state(config, {"context": context.model_dump(mode="json")}, as_node=START)
+    return saved
+
+
+def _invoke(graph, graph_input: dict | None, config: dict, recorder: InterviewRecorder) -> dict:
+    """Run the graph, and when it stops during the interview, save the answers given so far."""
+    try:
+        return graph.invoke(graph_input, config)
+    except BaseException:
+        saved = save_interview_answers(graph, config, recorder.answers)
+        if saved:
+            err_console.print(f"\nSaved {saved} interview answer(s) for --resume.")
+        raise
+
+
+def check_spec_gates(store_file: Path, audit_id: str, spec: dict[str, Any]) -> None:
+    """Check the spec's gates against the finished audit as `clinaudit run` does. A failed gate
+    exits with code 1."""
+    from agent.cli import _check_gates
+    from tools.spec import Gate
+
+    gates = [Gate.model_validate(gate) for gate in spec.get("gates") or []]
+    if gates:
+        _check_gates(store_file, audit_id, gates)
+
+
 def _confirm_with(assume_yes: bool):
     def confirm(plan) -> bool:
         from rich.prompt import Confirm
@@ -221,9 +290,10 @@ def chat(
                                          "(default: all the planner chooses)."),
     severities: str | None = typer.Option(None, help="Comma-separated severities (1..5) "
                                              "for every shift (default: the planner's)."),
-    yes: bool = typer.Option(False, "--yes", help="Run the plan without asking to confirm it."),
+    yes: bool = typer.Option(False, "--yes", metavar="", help="Run the plan without asking to confirm it."),
 ) -> None:
-    """Plan an audit in a terminal conversation, confirm it, run it and write the report."""
+    """Plan an audit in a terminal conversation, confirm it, run it and write the report.
+    Exit 1 when a gate of the spec fails."""
     import sqlite3
 
     from langgraph.checkpoint.sqlite import SqliteSaver
@@ -240,9 +310,12 @@ def chat(
     console.print(f"Planner: {planner.name}")
 
     bars = LazyProgressBars()
+    recorder = InterviewRecorder()
     checkpoints = checkpoint_path(store_file)
     audit_id = resume or new_audit_id()
-    config = {"configurable": {"planner": planner, "progress": bars, "ask": _ask,
+    resume_command = (f"clinaudit chat --resume {audit_id}"
+                      + (f" --store {store_file}" if store else ""))
+    config = {"configurable": {"planner": planner, "progress": bars, "ask": recorder,
                                "confirm": _confirm_with(yes), "thread_id": audit_id}}
     connection = None
     try:
@@ -254,7 +327,7 @@ def chat(
                                              f"{checkpoints}; pass the --store of that chat")
                     connection = sqlite3.connect(checkpoints, check_same_thread=False)
                     graph = build_graph(checkpointer=SqliteSaver(connection))
-                    state = _resume(graph, config, resume, checkpoints)
+                    state = _resume(graph, config, resume, checkpoints, recorder)
                 else:
                     overrides = {k: v for k, v in {
                         "device": device, "batch_size": batch_size, "bootstrap": bootstrap,
@@ -267,15 +340,20 @@ def chat(
                     graph = build_graph(checkpointer=SqliteSaver(connection))
                     console.print(f"Audit id: {audit_id} (continue after an interruption with "
                                   f"--resume {audit_id})")
-                    state = graph.invoke(start, config)
+                    state = _invoke(graph, start, config, recorder)
             except (ChatInputError, LLMError) as error:
                 err_console.print(f"[bold red]error:[/] {error}", highlight=False)
                 raise typer.Exit(2) from None
     except KeyboardInterrupt:
         bars.close()
-        err_console.print(f"\nInterrupted. Continue with: clinaudit chat --resume {audit_id}"
-                          + (f" --store {store_file}" if store else ""), highlight=False)
+        err_console.print(f"\nInterrupted. Continue with: {resume_command}", highlight=False)
         raise typer.Exit(130) from None
+    except EOFError:
+        # Piped answers ran out before a question, and the checkpoint keeps those given.
+        bars.close()
+        err_console.print(f"[bold red]error:[/] the input ended before the chat finished. "
+                          f"Continue with: {resume_command}", highlight=False)
+        raise typer.Exit(2) from None
     finally:
         bars.close()
         if connection is not None:
@@ -286,9 +364,11 @@ def chat(
         return
     print_summary(store_file, state["audit_id"], state.get("report_paths", {}))
     _print_llm_use(planner, console)
+    check_spec_gates(store_file, state["audit_id"], state["spec"])
 
 
-def _resume(graph, config: dict, audit_id: str, checkpoints: Path) -> dict:
+def _resume(graph, config: dict, audit_id: str, checkpoints: Path,
+            recorder: InterviewRecorder) -> dict:
     """Continue a checkpointed chat from its last finished step and return the final state."""
 
     snapshot = graph.get_state(config)
@@ -298,7 +378,7 @@ def _resume(graph, config: dict, audit_id: str, checkpoints: Path) -> dict:
         console.print(f"Audit {audit_id} had already finished.")
         return snapshot.values
     console.print(f"Resuming audit {audit_id} at step {', '.join(snapshot.next)}.")
-    return graph.invoke(None, config)
+    return _invoke(graph, None, config, recorder)
 
 
 def _print_llm_use(planner, console) -> None:

@@ -7,8 +7,10 @@ replicates, at most 150 test images) to keep each audit to seconds.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -74,9 +76,9 @@ def finished_times(store: Path, audit_id: str) -> dict[str, object]:
 
 # ---- chat with the rules planner -----------------------------------------------------------------
 
-def test_chat_rules_planner_in_pseudo_terminal(tmp_path, data_folder, tiny_model):
-    pexpect = pytest.importorskip("pexpect")
-    launcher = tmp_path / "launch_chat.py"
+def spawn_chat(pexpect, folder: Path, args: list[str]):
+    """Start `chat` with `args` in a pseudo-terminal, as a user at a terminal would."""
+    launcher = folder / "launch_chat.py"
     launcher.write_text(
         "import typer\nfrom agent.chat import chat\n"
         "app = typer.Typer()\napp.command('chat')(chat)\n"
@@ -84,11 +86,14 @@ def test_chat_rules_planner_in_pseudo_terminal(tmp_path, data_folder, tiny_model
         # The guard keeps the shift worker process, which re-imports this file, from
         # starting a second chat.
         "if __name__ == '__main__':\n    app()\n")
-
     env = {**os.environ, "COLUMNS": "160", "CLINAUDIT_LLM_MODEL": "", "TERM": "dumb"}
-    child = pexpect.spawn(sys.executable, [str(launcher), *chat_args(data_folder, tiny_model,
-                                                                     tmp_path)],
-                          cwd=str(REPO), env=env, encoding="utf-8", timeout=240)
+    return pexpect.spawn(sys.executable, [str(launcher), *args], cwd=str(REPO), env=env,
+                         encoding="utf-8", timeout=240)
+
+
+def test_chat_rules_planner_in_pseudo_terminal(tmp_path, data_folder, tiny_model):
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(pexpect, tmp_path, chat_args(data_folder, tiny_model, tmp_path))
 
     prompts = ["clinical domain", "intended use", "deployed", "positive class",
                "costs patients more", "ordered grades"]
@@ -201,6 +206,148 @@ def test_interrupted_chat_resumes_without_redoing(tmp_path, data_folder, tiny_mo
     assert {"shift:gaussian_noise:2", "shift:gaussian_noise:5"} <= set(after)
     assert only_audit(store)["status"] == "finished"
     assert (tmp_path / "report" / "report.html").is_file()
+
+
+def resume_id(output: str) -> str:
+    match = re.search(r"--resume (\S+)", output)
+    assert match, output
+    return match.group(1)
+
+
+def checkpointed_context(store: Path, audit_id: str) -> dict:
+    """Read the context of a chat's latest checkpoint, as `--resume` will start from it."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from agent.chat import checkpoint_path
+    from agent.graph import build_graph
+
+    connection = sqlite3.connect(checkpoint_path(store), check_same_thread=False)
+    try:
+        graph = build_graph(checkpointer=SqliteSaver(connection))
+        return graph.get_state({"configurable": {"thread_id": audit_id}}).values["context"]
+    finally:
+        connection.close()
+
+
+def test_resume_after_ctrl_c_keeps_answers(tmp_path, data_folder, tiny_model):
+    pexpect = pytest.importorskip("pexpect")
+    store = tmp_path / "audits.duckdb"
+    child = spawn_chat(pexpect, tmp_path, chat_args(data_folder, tiny_model, tmp_path))
+    child.logfile_read = io.StringIO()
+    prompts = ["clinical domain", "intended use", "deployed", "positive class",
+               "costs patients more"]
+    for prompt, answer in zip(prompts, RULES_ANSWERS):
+        child.expect(prompt)
+        child.sendline(answer)
+    child.expect("ordered grades")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    first = child.logfile_read.getvalue()
+    assert child.exitstatus == 130, first
+    assert "Saved 5 interview answer(s)" in first
+    assert "Interrupted. Continue with: clinaudit chat --resume" in first
+    audit_id = resume_id(first)
+
+    # The reported case: `printf 'no\nn\n' | clinaudit chat --resume AUDIT_ID`.
+    second = CliRunner().invoke(chat_app, ["chat", "--resume", audit_id, "--store", str(store)],
+                                input="no\nn\n")
+    assert second.exit_code == 0, second.output
+    assert f"Resuming audit {audit_id} at step interview." in second.output
+    for answered in prompts:
+        assert answered not in second.output
+    assert second.output.count("ordered grades") == 1
+    assert "Plan not confirmed; nothing was run." in second.output
+
+    context = checkpointed_context(store, audit_id)
+    assert context["domain"] == "dermatology"
+    assert context["intended_use"] == "second opinion for dermatologists"
+    assert context["deployment"] == "a clinic with a new dermatoscope"
+    assert context["positive_class"] == "mel"
+    assert context["costlier_error"] == "false_negative"
+    assert context["ordinal"] is False
+
+
+def test_resume_after_input_end_keeps_answers(tmp_path, data_folder, tiny_model):
+    store = tmp_path / "audits.duckdb"
+    first = CliRunner().invoke(chat_app, chat_args(data_folder, tiny_model, tmp_path),
+                               input="\n".join(RULES_ANSWERS[:3]) + "\n")
+    assert first.exit_code == 2, first.output
+    assert "the input ended before the chat finished" in first.output
+    assert "Saved 3 interview answer(s)" in first.output
+    audit_id = resume_id(first.output)
+
+    second = CliRunner().invoke(chat_app, ["chat", "--resume", audit_id, "--store", str(store)],
+                                input="mel\nfalse_negative\nno\ny\n")
+    assert second.exit_code == 0, second.output
+    for answered in ("clinical domain", "intended use", "deployed"):
+        assert answered not in second.output
+    for question in ("positive class", "costs patients more", "ordered grades"):
+        assert second.output.count(question) == 1, question
+
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["context"]["domain"] == "dermatology"
+    assert report["context"]["intended_use"] == "second opinion for dermatologists"
+    assert report["context"]["deployment"] == "a clinic with a new dermatoscope"
+    assert report["context"]["positive_class"] == "mel"
+    assert report["context"]["costlier_error"] == "false_negative"
+    assert report["context"]["ordinal"] is False
+    assert only_audit(store)["status"] == "finished"
+
+
+def write_chat_spec(folder: Path, data_folder: Path, gates: list[dict]) -> Path:
+    """Write a spec whose context is complete, so `chat --yes` prompts for nothing."""
+    spec = folder / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "data": {"manifest": str(data_folder / "metadata.csv"),
+                 "images": str(data_folder / "images"), "id_column": "image_id",
+                 "label_column": "dx", "metadata": ["sex", "dataset"],
+                 "group_column": "lesion_id"},
+        "context": {"domain": "dermatology", "intended_use": "second opinion",
+                    "deployment": "same clinics", "positive_class": "mel",
+                    "costlier_error": "false_negative", "ordinal": False},
+        "gates": gates}))
+    return spec
+
+
+def invoke_chat_spec(folder: Path, spec: Path, model: Path):
+    return CliRunner().invoke(chat_app, [
+        "chat", "--spec", str(spec), "--checkpoint", str(model),
+        "--store", str(folder / "audits.duckdb"), "--out", str(folder / "report"),
+        *SMALL_AUDIT, "--yes"], input="")
+
+
+def test_chat_failed_gate_exits_1(tmp_path, data_folder, tiny_model):
+    gates = [{"metric": "balanced_accuracy", "condition": "clean", "min_value": 0.999},
+             {"metric": "accuracy", "condition": "clean", "min_value": 0.0},
+             {"metric": "balanced_accuracy", "condition": "any_shift", "max_drop": 1.0}]
+    result = invoke_chat_spec(tmp_path, write_chat_spec(tmp_path, data_folder, gates),
+                              tiny_model)
+    assert result.exit_code == 1, result.output
+    assert (tmp_path / "report" / "report.html").is_file()
+
+    audit_id = only_audit(tmp_path / "audits.duckdb")["id"]
+    with Store(tmp_path / "audits.duckdb") as db:
+        clean = next(row["value"] for row in db.results(audit_id)
+                     if row["condition"] == "clean" and row["metric"] == "balanced_accuracy"
+                     and row["class"] is None)
+    assert clean < 0.999
+    lines = [line.strip() for line in result.output.splitlines()]
+    failed = lines.index("1 gate check(s) failed:")
+    assert lines[failed + 1] == f"- balanced_accuracy = {clean:.3f} on clean (below 0.999)"
+    assert "gates passed" not in result.output
+
+
+def test_chat_passing_gates_exit_0(tmp_path, data_folder, tiny_model):
+    gates = [{"metric": "accuracy", "condition": "clean", "min_value": 0.0},
+             {"metric": "balanced_accuracy", "condition": "any_shift", "max_drop": 1.0}]
+    result = invoke_chat_spec(tmp_path, write_chat_spec(tmp_path, data_folder, gates),
+                              tiny_model)
+    assert result.exit_code == 0, result.output
+    assert "All 2 gates passed." in result.output
+    assert "gate check(s) failed" not in result.output
 
 
 # ---- chat with the LLM planner against a scripted server -------------------------------------------
