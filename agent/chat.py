@@ -233,12 +233,12 @@ def _invoke(graph, graph_input: dict | None, config: dict, recorder: InterviewRe
 def check_spec_gates(store_file: Path, audit_id: str, spec: dict[str, Any]) -> None:
     """Check the spec's gates against the finished audit as `clinaudit run` does. A failed gate
     exits with code 1."""
-    from agent.cli import _check_gates
+    from agent.cli import check_gates
     from tools.spec import Gate
 
     gates = [Gate.model_validate(gate) for gate in spec.get("gates") or []]
     if gates:
-        _check_gates(store_file, audit_id, gates)
+        check_gates(store_file, audit_id, gates)
 
 
 def _confirm_with(assume_yes: bool):

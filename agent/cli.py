@@ -169,7 +169,7 @@ def run(
                           confirm=show_plan)
     print_summary(store_file, state["audit_id"], state.get("report_paths", {}))
     if spec.gates:
-        _check_gates(store_file, state["audit_id"], spec.gates)
+        check_gates(store_file, state["audit_id"], spec.gates)
 
 
 def _override_audit(audit, options: dict):
@@ -190,7 +190,8 @@ def _override_audit(audit, options: dict):
         raise SpecError(f"{option} {given.get(problem['loc'][0])!r}: {message}") from None
 
 
-def _check_gates(store_file: Path, audit_id: str, gates) -> None:
+def check_gates(store_file: Path, audit_id: str, gates) -> None:
+    """Print the spec's gate results for a finished audit; exit 1 when one fails."""
     from tools.gates import evaluate_gates
     from tools.metrics import REGISTRY
     from tools.store import Store
@@ -252,6 +253,10 @@ def demo(
                               "CLINAUDIT_DATA to the folder that holds ham10000_subset/")
             raise typer.Exit(2)
         data = Path(root) / "ham10000_subset"
+    if not data.exists():
+        err_console.print(f"[bold red]error:[/] data folder not found: {data}; pass --data "
+                          "PATH/ham10000_subset or set CLINAUDIT_DATA", highlight=False)
+        raise typer.Exit(2)
     if not (data / "metadata.csv").is_file() or not (data / "images").is_dir():
         err_console.print(f"[bold red]error:[/] {data} is not a ham10000_subset folder (needs "
                           "metadata.csv and images/); pass --data or set CLINAUDIT_DATA",
@@ -263,11 +268,25 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with bad_input_exits():
+        # Options are checked before the minutes of training, and errors name the option.
+        from tools.spec import MIN_INPUT_SIZE, AuditSettings, SpecError
+
+        audit = _override_audit(AuditSettings(), {"bootstrap": bootstrap, "device": device,
+                                                  "batch_size": batch_size,
+                                                  "max_images": max_images})
+        if input_size < MIN_INPUT_SIZE:
+            raise SpecError(f"--input-size {input_size}: the image shifts need at least "
+                            f"{MIN_INPUT_SIZE} px")
+        if shifts:
+            from tools.shifts import validate_shift
+
+            for name in shifts.split(","):
+                if name.strip():
+                    validate_shift(name.strip(), 1)
         raw = {**DEMO_SPEC, "model": {**DEMO_SPEC["model"], "input_size": input_size},
                "data": {**DEMO_SPEC["data"], "manifest": str(data / "metadata.csv"),
                         "images": str(data / "images")},
-               "audit": {"bootstrap": bootstrap, "device": device, "batch_size": batch_size,
-                         "max_images": max_images}}
+               "audit": audit.model_dump(mode="json")}
         spec = spec_from_dict(raw, Path.cwd())
         checkpoint = out / "model" / "model.pt"
         _train_demo_model(spec, checkpoint, epochs, train_time_limit, pretrained)
@@ -422,7 +441,11 @@ def delete(
             console.print("Nothing deleted.")
             raise typer.Exit(0)
         db.delete_audit(audit_id)
-    console.print(f"Deleted audit {audit_id}.")
+    console.print(f"Deleted audit {audit_id} from {store_path(store)}.")
+    # Report files are the user's documents: they are kept, but the user is told where.
+    folder = Path("audits") / audit_id
+    if folder.is_dir():
+        console.print(f"Its report files in {folder}/ were kept; remove them by hand if unwanted.")
 
 
 @app.command()

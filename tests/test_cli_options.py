@@ -68,3 +68,41 @@ def test_flags_show_no_value_placeholder(command, flag):
 
     line = next(line for line in result.output.splitlines() if flag in line)
     assert "<bool>" not in line
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--bootstrap", "-5"], "--bootstrap -5: -5 replicates are too few"),
+    (["--input-size", "7"], "--input-size 7: the image shifts need at least 13 px"),
+    (["--shifts", "hari"], "unknown shift 'hari'"),
+    (["--max-images", "0"], "--max-images 0: must be at least 1"),
+])
+def test_demo_checks_options_before_training(tmp_path, ham_dir, options, message):
+    result = CliRunner().invoke(app, ["demo", "--data", str(ham_dir), "--out", str(tmp_path / "d"),
+                                      "--store", str(tmp_path / "d.duckdb"), *options])
+
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "d" / "model").exists()
+
+
+def test_demo_names_missing_data_folder(tmp_path):
+    missing = tmp_path / "ham1000_subset"
+
+    result = CliRunner().invoke(app, ["demo", "--data", str(missing)])
+
+    assert result.exit_code == 2
+    assert f"data folder not found: {missing}" in result.output
+
+
+def test_delete_mentions_kept_report_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "a.duckdb"
+    with Store(store) as db:
+        audit_id = db.create_audit("image", {}, {})
+    (tmp_path / "audits" / audit_id).mkdir(parents=True)
+
+    result = CliRunner().invoke(app, ["delete", audit_id, "--yes", "--store", str(store)])
+
+    assert result.exit_code == 0
+    assert f"Its report files in audits/{audit_id}/ were kept" in " ".join(result.output.split())
+    assert (tmp_path / "audits" / audit_id).is_dir()

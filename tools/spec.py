@@ -335,7 +335,9 @@ def _expand(value: Any, where: str) -> Any:
         def replace(match: re.Match) -> str:
             name = match.group(1)
             if name not in os.environ:
-                raise SpecError(f"{where}: environment variable {name} is not set")
+                raise SpecError(f"{where}: environment variable {name} is not set; export it "
+                                f"(for example {name}=/path/to/folder) or write the path in "
+                                "the spec")
             return os.environ[name]
 
         return _VAR.sub(replace, value)
