@@ -133,7 +133,7 @@ def auroc_f(inputs: MetricInputs, weights: np.ndarray, confidence: str = "msp") 
     display="AURC",
     family="failure_detection",
     higher_is_better=False,
-    reading="Average error rate among the predictions kept when the least confident ones are set aside, over every share kept; lower is better.",
+    reading="Average error rate among the predictions kept when the least confident ones are set aside, over every share kept, as a fraction: 0.2 means 1 in 5 kept predictions is wrong on average.",
     confidence="msp",
 )
 def aurc(inputs: MetricInputs, weights: np.ndarray, confidence: str = "msp") -> MetricResult:
