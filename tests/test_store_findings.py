@@ -132,3 +132,29 @@ def test_review_of_unknown_finding_is_rejected(tmp_path):
         audit = store.create_audit("image", {}, {})
         with pytest.raises(StoreError, match="finding F009 not found"):
             store.add_review(audit, "Dr C", "reject", "", finding_id="F009")
+
+
+def test_finding_summary_states_direction_in_words():
+    conditions = {"shift:a:3": shift("shift:a:3")}
+    differences = [diff("shift:a:3", "balanced_accuracy", -0.20, -0.25, -0.15, 0.001)]
+
+    found = detect_findings(differences, conditions, info, 0.05, 0.05)
+
+    assert found[0]["summary"] == (
+        "Balanced accuracy fell from 0.700 to 0.500 under a at severity 3 (0.200 lower, "
+        "95 % interval 0.150 to 0.250 lower; paired on the same images).")
+
+
+def test_finding_summary_names_reweighted_set_without_key():
+    conditions = {"reweight:equal_dataset": {
+        "key": "reweight:equal_dataset", "kind": "reweight", "name": "equal_dataset",
+        "params": {"column": "dataset", "target": {"a": 0.5, "b": 0.5}}, "too_small": False}}
+    row = diff("reweight:equal_dataset", "ece_top_label", 0.08, 0.05, 0.11, 0.002)
+    row["paired"] = False
+
+    summary = detect_findings([row], conditions, info, 0.05, 0.05)[0]["summary"]
+
+    assert "reweight:" not in summary
+    assert summary == (
+        "ECE rose from 0.700 to 0.780 under the test set re-weighted by dataset (equal dataset) "
+        "(0.080 higher, 95 % interval 0.050 to 0.110 higher; against the rest of the test set).")

@@ -811,8 +811,9 @@ def _harm_findings(
             continue
         gap = verdict.change("confidence_gap")
         summary = (
-            f"Recalibration raised the ECE on {verdict.condition} from {ece.before:.3f} to "
-            f"{ece.after:.3f} (change {ece.delta:+.3f}, 95 % CI {ece.low:+.3f} to {ece.high:+.3f})."
+            f"Recalibration raised the ECE on {describe_condition(verdict.condition)} from "
+            f"{ece.before:.3f} to {ece.after:.3f} ({ece.delta:.3f} higher, 95 % interval "
+            f"{ece.low:.3f} to {ece.high:.3f} higher)."
         )
         evidence = {
             "n": verdict.n,
@@ -883,8 +884,9 @@ def _severity_findings(
         }
         summary = (
             f"The model was underconfident; after recalibration its confidence exceeds its "
-            f"accuracy by {top_gap.after:.3f} under {shift} at severity {top_severity}, against "
-            f"{gaps_after[0]:+.3f} on {reference.condition}, and the gap grows with severity."
+            f"accuracy by {top_gap.after:.3f} under {shift.replace('_', ' ')} at severity "
+            f"{top_severity}, against {gaps_after[0]:+.3f} on "
+            f"{describe_condition(reference.condition)}, and the gap grows with severity."
         )
         findings.append(
             _finding(
@@ -954,8 +956,10 @@ def _subgroup_findings(
 
         side = "overconfident" if gap.after > 0 else "underconfident"
         summary = (
-            f"After recalibration, {verdict.condition} is {side} (confidence minus accuracy "
-            f"{gap.after:+.3f}) against {reference_gap.after:+.3f} on {reference.condition}."
+            f"After recalibration, the model is {side} on "
+            f"{describe_condition(verdict.condition)} (confidence minus accuracy "
+            f"{gap.after:+.3f}) against {reference_gap.after:+.3f} on "
+            f"{describe_condition(reference.condition)}."
         )
         evidence = {
             "n": verdict.n,
@@ -1050,7 +1054,7 @@ def describe_condition(key: str) -> str:
         return f"images where {parts[1]} is {parts[2]}"
     if parts[0] == "external" and len(parts) == 2:
         return f"images from {parts[1]}"
-    return f"images of condition {key}"
+    return f"images under {parts[-1].replace('_', ' ')}"
 
 
 def clinical_sentence(

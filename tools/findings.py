@@ -32,10 +32,13 @@ def _describe_condition(condition: dict[str, Any]) -> str:
     if kind in ("subgroup", "site"):
         return f"{params.get('column')} = {params.get('value')}"
     if kind == "prevalence":
-        return f"class mix '{condition['name']}'"
+        return f"the class mix {condition['name'].replace('_', ' ')}"
+    name = str(condition.get("name") or condition["key"]).replace("_", " ")
+    if kind == "reweight" and params.get("column"):
+        return f"the test set re-weighted by {params['column']} ({name})"
     if kind == "external":
-        return f"external test set '{condition['name']}'"
-    return condition["key"]
+        return f"the external test set {condition['name']}"
+    return name
 
 
 def _fmt(value: float | None) -> str:
@@ -106,10 +109,11 @@ def detect_findings(
         light = "red" if effect >= 2 * min_relevant_difference else "amber"
         where = _describe_condition(condition)
         verb = "fell" if row["delta"] < 0 else "rose"
+        direction = "lower" if row["delta"] < 0 else "higher"
         summary = (
             f"{display} {verb} from {_fmt(row.get('reference_value'))} to "
-            f"{_fmt(row.get('condition_value'))} under {where} (change {row['delta']:+.3f}, "
-            f"95% CI {row['low']:+.3f} to {row['high']:+.3f}; "
+            f"{_fmt(row.get('condition_value'))} under {where} ({effect:.3f} {direction}, "
+            f"95 % interval {low:.3f} to {high:.3f} {direction}; "
             f"{'paired on the same images' if row.get('paired') else 'against the rest of the test set'})."
         )
         findings.append({

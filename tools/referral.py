@@ -83,7 +83,9 @@ def _describe(key: str) -> str:
         return f"{parts[1]} = {parts[2]}"
     if parts[0] == "external":
         return f"the external set {parts[1]}"
-    return "the clean test set"
+    if key == "clean":
+        return "the clean test set"
+    return parts[-1].replace("_", " ")
 
 
 def _sentence(target: float, clean: dict[str, Any], worst: dict[str, Any] | None,
@@ -150,7 +152,7 @@ def referral_report(calibration_probs: np.ndarray, calibration_labels: np.ndarra
                 "high": float(target - low), "p_value": float(p_value),
                 "summary": (f"The referral rule learned in distribution (refer below confidence "
                             f"{rule.threshold:.2f}) keeps accepted predictions at only "
-                            f"{value:.0%} {what} under {_describe(key)} (95% CI {low:.0%} to "
+                            f"{value:.0%} {what} under {_describe(key)} (95 % interval {low:.0%} to "
                             f"{high:.0%}; target {target:.0%}); {applied.referred_share:.0%} "
                             "referred."),
                 "evidence": {"threshold": rule.threshold, "target": target,
