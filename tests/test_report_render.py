@@ -141,7 +141,9 @@ def test_metric_table_values_match_fixture(data, html):
 def test_markdown_metric_table_matches_fixture(data, markdown):
     row = next(r for r in data["results"] if r["condition"] == "shift:jpeg_compression:5"
                and r["metric"] == "balanced_accuracy" and r["class"] is None)
-    line = next(line for line in markdown.splitlines() if line.startswith("| jpeg compression 5"))
+    line = next(line for line in markdown.splitlines()
+                if line.startswith('| <a id="cond-shift-jpeg-compression-5"></a>'
+                                   'jpeg compression 5'))
     assert f"{row['value']:.3f} ({row['low']:.3f} to {row['high']:.3f})" in line
 
 
@@ -361,3 +363,267 @@ def test_recalibration_rows_judged_one_by_one():
     assert _change_verdict({"metric": "nll", "low": -0.13, "high": 0.09}) == "no clear change"
     assert _change_verdict({"metric": "brier", "low": -0.05, "high": -0.01}) == "helped"
     assert _change_verdict({"metric": "confidence_gap", "low": -0.24, "high": -0.17}) == "–"
+
+
+# ---- wording a clinician reads ------------------------------------------------------------------
+
+def with_population_conditions(data: dict) -> dict:
+    """Add a balanced class mix and a test set re-weighted to equal datasets, with a finding."""
+    data["conditions"] += [
+        {"key": "prevalence:balanced", "kind": "prevalence", "name": "balanced", "severity": None,
+         "params": {"class_mix": {"mel": 0.5, "nv": 0.5}}, "n": 80, "effective_n": 80.0,
+         "too_small": False},
+        {"key": "reweight:equal_dataset", "kind": "reweight", "name": "equal_dataset",
+         "severity": None, "params": {"column": "dataset", "target": {"a": 0.5, "b": 0.5}},
+         "n": 400, "effective_n": 169.4, "too_small": False},
+    ]
+    for key, ba in (("prevalence:balanced", 0.79), ("reweight:equal_dataset", 0.62)):
+        data["results"].append({"condition": key, "metric": "balanced_accuracy", "params": {},
+                                "class": None, "value": ba, "low": ba - 0.05,
+                                "high": ba + 0.05, "reason": None})
+    data["findings"].append({
+        "id": "F2", "kind": "performance", "condition": "reweight:equal_dataset",
+        "metric": "balanced_accuracy", "effect": 0.18, "low": 0.09, "high": 0.27,
+        "p_value": 0.002, "light": "red",
+        "summary": "BA fell from 0.800 to 0.620 under reweight:equal_dataset (change -0.180, "
+                   "95% CI -0.270 to -0.090; against the rest of the test set).",
+        "evidence": {"reference": "clean", "reference_value": 0.8, "condition_value": 0.62,
+                     "delta": -0.18, "delta_low": -0.27, "delta_high": -0.09,
+                     "paired": False}})
+    return data
+
+
+def test_column_labels_name_parameters_in_words():
+    from tools.report.content import Lookup
+
+    data = minimal_data()
+    lookup = Lookup(data)
+
+    assert lookup.column_label("sensitivity", {"positive_class": 0}) == "Sens (mel)"
+    assert lookup.column_label("ece_top_label", {"n_bins": 15}) == "ece top label (15 bins)"
+    assert lookup.column_label("balanced_accuracy", {}) == "BA"
+
+
+def test_plan_table_names_positive_class_not_index():
+    data = minimal_data()
+    data["plan"]["metrics"].append({"id": "sensitivity", "params": {"positive_class": 0},
+                                    "reason": "missed melanomas cost most"})
+    markdown = render_markdown(data)
+
+    assert "| Sens | `sensitivity` | mel | missed melanomas cost most |" in markdown
+    assert "positive_class" not in markdown.split("### Spec")[0]
+    assert "positive_class" not in render_html(data).split('id="spec"')[0]
+
+
+def test_calibration_readings_scale_matches_fractions():
+    from tools.metrics import REGISTRY
+    from tools.report.data import metrics_info
+
+    readings = {metric: entry["reading"] for metric, entry in metrics_info(set(REGISTRY)).items()}
+
+    # Values are shown as fractions (0.106), so a reading in percentage points must give the
+    # conversion.
+    for metric, reading in readings.items():
+        if "percentage points" in reading:
+            assert re.search(r"0\.\d+ means \d+ percentage points", reading), metric
+    assert "0.05 means 5 percentage points" in readings["ece_top_label"]
+
+
+def test_top_finding_states_direction_of_effect_and_interval():
+    markdown = render_markdown(minimal_data())
+    html = render_html(minimal_data())
+    expected = "BA 0.100 lower (95 % interval 0.060 to 0.140 lower), p = 0.0010"
+
+    assert expected + ". Evidence:" in markdown
+    assert expected + " · evidence:" in html
+    assert "Effect 0.100" not in markdown
+
+
+def test_finding_summary_uses_condition_labels():
+    data = with_population_conditions(minimal_data())
+    markdown = render_markdown(data)
+
+    expected = ("BA was 0.800 on the clean test images and 0.620 with the test set re-weighted "
+                "so each dataset counts equally.")
+    assert expected in markdown
+    assert "reweight:" not in markdown
+    assert "95% CI" not in markdown
+
+
+def test_stored_summary_keys_replaced_by_labels():
+    data = minimal_data()
+    data["findings"][0]["kind"] = "recalibration_harms"
+    data["findings"][0]["summary"] = ("Recalibration raised the ECE on "
+                                      "shift:jpeg_compression:3 from 0.100 to 0.200 (change "
+                                      "+0.100, 95 % CI +0.050 to +0.150), against 0.030 on "
+                                      "clean.")
+    markdown = render_markdown(data)
+
+    assert ("Recalibration raised the ECE on jpeg compression 3 from 0.100 to 0.200 (change "
+            "+0.100, 95 % interval +0.050 to +0.150), against 0.030 on the clean test set.") \
+        in markdown
+    assert "shift:jpeg_compression:3" not in markdown
+
+
+def test_recalibration_harm_summary_from_evidence():
+    data = minimal_data()
+    data["findings"][0].update({
+        "kind": "recalibration_harms", "metric": "ece_top_label",
+        "evidence": {"changes": [{"metric": "ece_top_label", "before": 0.204,
+                                  "after": 0.338}]}})
+    data["metrics_info"]["ece_top_label"] = {"display": "ECE", "family": "calibration",
+                                             "higher_is_better": False, "reading": "Gap."}
+    markdown = render_markdown(data)
+
+    assert ("Recalibration raised the ECE on images with jpeg compression at severity 3 from "
+            "0.204 to 0.338.") in markdown
+    assert "After recalibration, jpeg compression 3: ECE 0.100 higher" in markdown
+
+
+def test_also_missed_sentence_reads_whole():
+    data = minimal_data()
+    data["context"]["malignant_classes"] = ["mel", "nv"]
+    for key, sens in (("clean", 0.1), ("shift:jpeg_compression:3", 0.0)):
+        data["results"].append({"condition": key, "metric": "sensitivity", "params": {},
+                                "class": "nv", "value": sens, "low": 0.0, "high": 0.2,
+                                "reason": None})
+    markdown = render_markdown(data)
+
+    assert ("Also missed more often: all naevi (about 9 in 10 on the clean test images)."
+            in markdown)
+
+
+def test_referral_without_threshold_drops_clause():
+    data = minimal_data()
+    data["referral"] = {"target": 0.95, "target_metric": "accuracy", "score": "msp",
+                        "threshold": None, "rows": [], "sentence": None}
+    markdown = render_markdown(data)
+
+    assert ("Target: accepted predictions at 95 % accuracy. No threshold on the maximum "
+            "softmax probability reached the target on the calibration split, so every "
+            "prediction would be referred to a clinician.") in markdown
+    assert "threshold –" not in markdown
+    assert " – (" not in markdown
+
+
+def test_referral_sentence_not_repeated_when_no_threshold():
+    data = minimal_data()
+    data["referral"] = {"target": 0.9, "target_metric": "accuracy", "score": "msp",
+                        "threshold": None, "rows": [],
+                        "sentence": "No confidence threshold keeps accepted predictions at 90% "
+                                    "accuracy on the calibration split: every prediction would "
+                                    "need review."}
+    markdown = render_markdown(data)
+
+    assert ("No confidence threshold keeps accepted predictions at 90 % accuracy on the "
+            "calibration split: every prediction would need review.") in markdown
+    assert ("Target: accepted predictions at 90 % accuracy, with predictions ranked by their "
+            "maximum softmax probability.") in markdown
+    assert "No threshold on the" not in markdown
+
+
+@pytest.mark.parametrize("seconds, text", [(0.1312341929988179, "0.13 s"), (8.45619, "8.5 s"),
+                                           (50.815788, "51 s"), (412.7, "413 s"),
+                                           (725.2, "12 min 5 s")])
+def test_seconds_written_with_sensible_precision(seconds, text):
+    from tools.report.wording import fmt_seconds
+
+    assert fmt_seconds(seconds) == text
+
+
+@pytest.mark.parametrize("stored, text", [
+    ("2026-12-04T23:05:58.447566", "2026-12-04 23:05 UTC"),   # the store writes naive UTC
+    ("2026-12-04T18:12:05+00:00", "2026-12-04 18:12 UTC"),
+    ("2026-12-05T01:05:00+02:00", "2026-12-04 23:05 UTC"),
+])
+def test_timestamps_shown_in_utc(stored, text):
+    from tools.report.wording import fmt_timestamp
+
+    assert fmt_timestamp(stored) == text
+
+
+def test_raw_numbers_formatted_for_reading():
+    data = minimal_data()
+    data["audit"]["created_at"] = "2026-12-04T23:05:58.447566"
+    data["audit"]["wall_seconds"] = 50.815788
+    data["reproducibility"]["timings"] = {"clean_predict_seconds": 1.3930028649992892,
+                                          "total_seconds": 7.902966374000243}
+    data["plan"]["subgroups"] = [{"column": "age", "bands": [0.0, 30.0, 45.0, 86.0],
+                                  "reason": "age"}]
+    data["plan"]["cost"] = {"conditions": 2, "images_predicted": 800,
+                            "estimated_seconds": 11.0, "note": ""}
+    data["reliability"] = {"clean": [{"lower": 0.0, "upper": 0.5, "count": 10.0,
+                                      "confidence": 0.4, "accuracy": 0.5}]}
+    markdown = render_markdown(data)
+
+    assert "Audit hand01 · 2026-12-04 23:05 UTC ·" in markdown
+    assert "Measured wall time: 51 s." in markdown
+    assert "- **timings:** clean predict: 1.4 s, total: 7.9 s" in markdown
+    assert "| age | 0, 30, 45, 86 | age |" in markdown
+    assert "| 0.00–0.50 | 10 | 0.400 | 0.500 |" in markdown
+    assert "Reliability bins of clean test set:" in markdown
+
+
+def test_one_interval_wording_throughout(data, markdown, html):
+    for text in (markdown, html):
+        assert "95% CI" not in text
+        assert "95 % CI" not in text
+        assert "bootstrap interval" not in text
+        assert "95 % interval" in text
+
+
+def test_verdict_explains_population_conditions():
+    from tools.report.content import Lookup, verdict_view
+
+    data = with_population_conditions(minimal_data())
+    verdict = verdict_view(data, Lookup(data))
+
+    assert "class mix: classes re-sampled to equal prevalence" in verdict["held_up"]
+    assert ("population mix: test set re-weighted so each dataset counts equally "
+            "(BA 0.180 lower)") in verdict["failed"]
+
+
+def test_verdict_says_clear_drop_not_held_up(markdown, html):
+    for text in (markdown, html):
+        assert "Held up" not in text
+        assert "hold up" not in text
+        assert "No clear drop found" in text
+        assert "Clear drop found" in text
+
+
+def test_limitations_explain_interval_beside_estimate():
+    data = minimal_data()
+    data["results"][0].update({"value": 0.253, "low": 0.262, "high": 0.475})
+    markdown = render_markdown(data)
+
+    assert ("Some 95 % intervals lie entirely beside their point estimate, for example BA "
+            "0.253 (0.262 to 0.475) on clean test set.") in markdown
+    assert markdown.count("beside") == 1
+
+
+def markdown_links_resolve(markdown: str) -> list[str]:
+    """Fragment links of the Markdown whose target id it does not contain."""
+    ids = set(re.findall(r'<a id="([^"]+)"></a>', markdown))
+    return [target for target in re.findall(r"\]\(#([^)]+)\)", markdown) if target not in ids]
+
+
+def test_markdown_links_have_anchors(markdown):
+    assert "](#cond-" in markdown
+    assert "](#curve-" in markdown
+    assert markdown_links_resolve(markdown) == []
+    assert markdown_links_resolve(render_markdown(with_population_conditions(
+        minimal_data()))) == []
+
+
+def test_long_tables_move_to_appendix(markdown, html):
+    appendix = markdown.index("## Appendix")
+    assert markdown.index("## 6 Reproducibility") < appendix
+    for heading in ("### A All findings", "### B Changes against the reference",
+                    "### C Results per class", "#### Sens per class",
+                    "### D Recalibration per condition", "### F Reliability bins"):
+        assert markdown.index(heading) > appendix, heading
+    assert markdown.index("### Metrics per condition") < appendix
+
+    positions = [html.index(f'<section id="{section}">') for section in SECTION_IDS]
+    assert positions[-1] < html.index('<section id="appendix">')
+    assert html.index('id="all-findings"') > html.index('<section id="appendix">')

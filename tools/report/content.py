@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
+
+from tools.report.wording import (
+    directed_change,
+    directed_interval,
+    is_number,
+    params_words,
+    prevalence_words,
+    reweight_words,
+)
 
 LIGHT_ORDER = {"red": 0, "amber": 1, "green": 2}
 TOP_FINDINGS = 5
@@ -35,6 +45,30 @@ REPORT_TERMS = {
            "controlled with the Benjamini-Hochberg procedure.",
     "95 % interval": "Bootstrap percentile interval: 95 % of resampled test sets gave a value "
                      "in this range.",
+    "Clear drop found": "The metric worsened by at least the minimum relevant difference, the "
+                        "95 % interval of the change excludes no change, and the change passed "
+                        "the false discovery rate control.",
+    "No clear drop found": "No change met all three conditions of a clear drop. This is not "
+                           "proof that the model holds up: with few images the interval is "
+                           "wide and even a large drop can go undetected.",
+}
+
+# Values the report shows that are not registry metrics: (display name, higher is better).
+# The confidence gap is confidence minus accuracy, and its findings report it rising.
+EXTRA_METRICS = {
+    "confidence_gap": ("Confidence minus accuracy", False),
+    "referral_accuracy": ("Accuracy of accepted predictions", True),
+    "referral_sensitivity": ("Sensitivity of accepted predictions", True),
+}
+
+# Finding kinds in words, for the list of all findings.
+FINDING_KIND_WORDS = {
+    "performance": "performance",
+    "calibration": "calibration",
+    "failure_detection": "failure detection",
+    "recalibration_harms": "recalibration made calibration worse",
+    "recalibration_overconfidence_grows": "overconfidence after recalibration grows with shift",
+    "subgroup_calibration_differs": "subgroup calibration after recalibration differs",
 }
 
 
@@ -61,10 +95,6 @@ def check_report_data(data: Any) -> None:
 
 # ---- numbers and words -------------------------------------------------------------------------
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def fmt(value: Any, digits: int = 3) -> str:
     """Format a number with `digits` decimals; a missing or NaN value becomes an en dash."""
     if not is_number(value):
@@ -90,12 +120,6 @@ def fmt_percent(value: Any, digits: int = 0) -> str:
     if not is_number(value):
         return "–"
     return f"{100 * value:.{digits}f} %"
-
-
-def fmt_params(params: dict | None) -> str:
-    if not params:
-        return ""
-    return ", ".join(f"{key}={value}" for key, value in sorted(params.items()))
 
 
 def natural_frequency(rate: float) -> str:
@@ -162,10 +186,28 @@ def condition_label(condition: dict) -> str:
     if kind in ("subgroup", "site"):
         column, value = condition_parts(condition)
         return f"{column} = {value}"
+    if kind == "prevalence":
+        return prevalence_words(condition)
+    if kind == "reweight":
+        return reweight_words(condition)
+    if kind == "external":
+        return f"external test set {condition.get('name')}"
     if kind in ("recalibrated", "mitigated"):
-        of = (condition.get("params") or {}).get("of") or condition.get("name")
-        return f"{kind}: {of}"
+        of = str((condition.get("params") or {}).get("of") or condition.get("name"))
+        return f"{key_label(of)}, {kind}"
     return str(condition.get("name") or condition["key"])
+
+
+def key_label(key: str) -> str:
+    """Label a condition known only by its key, such as "shift:jpeg_compression:5"."""
+    pieces = key.split(":")
+    if key == "clean":
+        return condition_label({"kind": "clean", "key": key})
+    if pieces[0] == "shift" and len(pieces) == 3:
+        return condition_label({"kind": "shift", "key": key, "severity": pieces[2]})
+    if pieces[0] in ("subgroup", "site") and len(pieces) == 3:
+        return condition_label({"kind": pieces[0], "key": key})
+    return pretty_name(pieces[-1])
 
 
 def condition_phrase(condition: dict) -> str:
@@ -181,12 +223,37 @@ def condition_phrase(condition: dict) -> str:
         return f"in patients with {column} = {value}"
     if kind == "site":
         column, value = condition_parts(condition)
-        return f"from the site {value} ({column})"
+        return f"from {column} {value}"
     if kind == "external":
         return f"in the external test set {condition.get('name')}"
     if kind == "prevalence":
-        return f"at the class mix {condition.get('name')}"
+        return f"with {prevalence_words(condition)}"
+    if kind == "reweight":
+        return f"with the {reweight_words(condition)}"
     return f"under {condition_label(condition)}"
+
+
+def condition_where(condition: dict, paired: bool = True) -> str:
+    """Phrase that completes "BA was 0.31 on the clean test images and 0.11 ...".
+
+    `paired` is true when a shift is compared with the clean test set on the same images.
+    """
+    kind = condition.get("kind")
+    if kind == "shift":
+        same = "the same " if paired else ""
+        return (f"on {same}images with {pretty_name(shift_name(condition))} at severity "
+                f"{condition.get('severity')}")
+    if kind == "site":
+        column, value = condition_parts(condition)
+        return f"on images from {column} {value}"
+    return condition_phrase(condition)
+
+
+def reference_words(reference: Any) -> str:
+    """Name the reference of a change: the clean test images or the rest of the test set."""
+    if reference in (None, "", "clean"):
+        return "the clean test images"
+    return "the rest of the test set"
 
 
 def slug(text: str) -> str:
@@ -219,10 +286,19 @@ class Lookup:
                 self.per_class[(row["condition"], row["metric"], str(row["class"]))] = row
 
     def display(self, metric: str) -> str:
-        return (self.info.get(metric) or {}).get("display") or metric
+        extra = EXTRA_METRICS.get(metric, (pretty_name(metric), True))[0]
+        return (self.info.get(metric) or {}).get("display") or extra
 
     def higher_is_better(self, metric: str) -> bool:
-        return bool((self.info.get(metric) or {}).get("higher_is_better", True))
+        default = EXTRA_METRICS.get(metric, (metric, True))[1]
+        return bool((self.info.get(metric) or {}).get("higher_is_better", default))
+
+    def direction_words(self, metric: str) -> tuple[str, str]:
+        """Return (bad, good), the words for a change that makes `metric` worse and better."""
+        return ("lower", "higher") if self.higher_is_better(metric) else ("higher", "lower")
+
+    def classes(self) -> list[str]:
+        return [str(c) for c in (self.data.get("model") or {}).get("classes") or []]
 
     def metric_columns(self) -> list[tuple[str, dict]]:
         """(metric id, params) of every whole-set result, in plan order, then the rest."""
@@ -244,12 +320,9 @@ class Lookup:
         return None
 
     def column_label(self, metric: str, params: dict) -> str:
-        classes = (self.data.get("model") or {}).get("classes") or []
-        index = (params or {}).get("positive_class")
-        if isinstance(index, int) and 0 <= index < len(classes):
-            # Name the class rather than its column index in the model's output.
-            params = {**params, "positive_class": classes[index]}
-        extra = fmt_params(params)
+        """Return the display name with its parameters in words, such as "Sens (mel)" or
+        "ECE (15 bins)"."""
+        extra = params_words(params, self.classes())
         return f"{self.display(metric)} ({extra})" if extra else self.display(metric)
 
 
@@ -285,12 +358,21 @@ def top_findings(data: dict, lookup: Lookup, limit: int = TOP_FINDINGS) -> list[
 
 
 def effect_words(finding: dict, lookup: Lookup) -> str:
-    """For example "BA 0.137 lower"; the effect's sign is ignored, the registry gives the way."""
+    """Write a finding's effect with its direction, such as "BA 0.137 lower".
+
+    A finding's effect is positive when the metric got worse, so the registry's direction
+    gives the word. A negative effect, which no finding should carry, reads the other way.
+    """
     metric = finding["metric"]
-    direction = "lower" if lookup.higher_is_better(metric) else "higher"
-    effect = finding.get("effect")
-    size = fmt(abs(effect)) if is_number(effect) else "–"
-    return f"{lookup.display(metric)} {size} {direction}"
+    bad, good = lookup.direction_words(metric)
+    size = directed_change(finding.get("effect"), up=bad, down=good)
+    return f"{lookup.display(metric)} {size}" if size else lookup.display(metric)
+
+
+def effect_interval_words(finding: dict, lookup: Lookup) -> str:
+    """Write the effect's interval with its direction, such as "0.109 to 0.301 lower"."""
+    bad, good = lookup.direction_words(finding["metric"])
+    return directed_interval(finding.get("low"), finding.get("high"), up=bad, down=good)
 
 
 def miss_sentence(lookup: Lookup, key: str, cls: str, reference: str = "clean") -> str | None:
@@ -320,15 +402,18 @@ def miss_sentence(lookup: Lookup, key: str, cls: str, reference: str = "clean") 
 
 
 def miss_brief(lookup: Lookup, key: str, cls: str, reference: str = "clean") -> str | None:
-    """Short form of `miss_sentence`, such as "basal cell carcinomas about 6 in 10 (clean about
-    4 in 10)"."""
+    """Write the short form of `miss_sentence`, such as "about 6 in 10 basal cell carcinomas
+    (about 4 in 10 on the clean test images)", without the bracket when the reference has no
+    value."""
     row = lookup.per_class.get((key, "sensitivity", cls))
     if row is None or not is_number(row.get("value")):
         return None
-    text = f"{class_plural(cls)} {natural_frequency(1 - row['value'])}"
+    text = f"{natural_frequency(1 - row['value'])} {class_plural(cls)}"
     reference_row = lookup.per_class.get((reference, "sensitivity", cls))
     if key != reference and reference_row and is_number(reference_row.get("value")):
-        text += f" (clean {natural_frequency(1 - reference_row['value'])})"
+        reference_condition = lookup.conditions.get(reference, {"kind": "clean"})
+        text += (f" ({natural_frequency(1 - reference_row['value'])} "
+                 f"{condition_phrase(reference_condition)})")
     return text
 
 
@@ -344,6 +429,8 @@ def consequence_classes(data: dict) -> list[str]:
 
 
 def evidence_anchor(finding: dict, lookup: Lookup) -> str:
+    """Return the id of the figure that shows a finding: a severity curve, the reliability
+    diagrams or the forest plot."""
     condition = lookup.conditions.get(finding.get("condition"), {})
     if finding.get("kind") == "calibration" and condition.get("key") in lookup.data.get(
             "reliability", {}):
@@ -365,7 +452,106 @@ def _missed_more(lookup: Lookup, key: str, cls: str, reference: str = "clean") -
     return row["value"] < reference_row["value"]
 
 
-def finding_view(finding: dict, lookup: Lookup, classes: list[str]) -> dict:
+# ---- finding summaries -------------------------------------------------------------------------
+
+def _gap_words(gap: Any) -> str:
+    """Write confidence minus accuracy in words, such as "confidence 0.050 above accuracy"."""
+    if not is_number(gap):
+        return ""
+    if round(gap, 3) == 0:
+        return "confidence equal to accuracy"
+    side = "above" if gap > 0 else "below"
+    return f"confidence {abs(gap):.3f} {side} accuracy"
+
+
+def _difference_summary(finding: dict, condition: dict, lookup: Lookup) -> str | None:
+    evidence = finding.get("evidence") or {}
+    before, after = evidence.get("reference_value"), evidence.get("condition_value")
+    if not (is_number(before) and is_number(after)):
+        return None
+    return (f"{lookup.display(finding['metric'])} was {fmt(before)} on "
+            f"{reference_words(evidence.get('reference'))} and {fmt(after)} "
+            f"{condition_where(condition)}.")
+
+
+def _recalibration_harm_summary(finding: dict, condition: dict, lookup: Lookup) -> str | None:
+    changes = (finding.get("evidence") or {}).get("changes") or []
+    ece = next((c for c in changes if c.get("metric") == finding.get("metric")), None)
+    if ece is None or not (is_number(ece.get("before")) and is_number(ece.get("after"))):
+        return None
+    return (f"Recalibration raised the {lookup.display(finding['metric'])} "
+            f"{condition_where(condition, paired=False)} from {fmt(ece['before'])} to "
+            f"{fmt(ece['after'])}.")
+
+
+def _subgroup_gap_summary(finding: dict, condition: dict, lookup: Lookup) -> str | None:
+    evidence = finding.get("evidence") or {}
+    gap, reference_gap = (evidence.get("confidence_gap_after"),
+                          evidence.get("reference_confidence_gap_after"))
+    if not (is_number(gap) and is_number(reference_gap)):
+        return None
+    reference = lookup.conditions.get(evidence.get("reference"), {"kind": "clean"})
+    return (f"After recalibration, {condition_where(condition, paired=False)} the model shows "
+            f"{_gap_words(gap)}, against {_gap_words(reference_gap)} "
+            f"{condition_where(reference)}.")
+
+
+def _growing_gap_summary(finding: dict, condition: dict, lookup: Lookup) -> str | None:
+    curve = (finding.get("evidence") or {}).get("curve") or []
+    if len(curve) < 2:
+        return None
+    first, last = curve[0].get("confidence_gap_after"), curve[-1].get("confidence_gap_after")
+    if not (is_number(first) and is_number(last)):
+        return None
+    return (f"The model was underconfident. After recalibration it shows {_gap_words(last)} "
+            f"{condition_where(condition, paired=False)}, against {_gap_words(first)} on the "
+            "clean test "
+            "images, and the gap grows with severity.")
+
+
+SUMMARY_BUILDERS = {
+    "recalibration_harms": _recalibration_harm_summary,
+    "subgroup_calibration_differs": _subgroup_gap_summary,
+    "recalibration_overconfidence_grows": _growing_gap_summary,
+}
+
+
+def readable_text(text: str, lookup: Lookup) -> str:
+    """Replace condition keys in stored text by their table labels, name the interval
+    "95 % interval" and write "90 %" for "90%", as the rest of the report does.
+
+    Stored summaries and sentences come from the audit run, which may predate this wording.
+    """
+    for key in sorted(lookup.conditions, key=len, reverse=True):
+        if ":" in key and key in text:
+            text = text.replace(key, condition_label(lookup.conditions[key]))
+    text = re.sub(r"\bon clean\b", "on the clean test set", text)
+    text = re.sub(r"95\s?% CI\b", "95 % interval", text)
+    return re.sub(r"(\d)%", r"\1 %", text)
+
+
+def finding_summary(finding: dict, lookup: Lookup) -> str:
+    """Write one plain sentence on what was measured, from the finding's evidence.
+
+    Falls back to the stored summary, with condition keys replaced by labels, when the
+    evidence lacks the values the sentence needs.
+    """
+    condition = lookup.conditions.get(finding.get("condition"))
+    if condition is not None:
+        build = SUMMARY_BUILDERS.get(finding.get("kind"), _difference_summary)
+        sentence = build(finding, condition, lookup)
+        if sentence:
+            return sentence
+    return readable_text(str(finding.get("summary") or ""), lookup)
+
+
+def finding_view(finding: dict, lookup: Lookup, classes: list[str],
+                 figure_anchors: set[str] | None = None) -> dict:
+    """Collect everything a finding shows: title, consequences for patients, summary, numbers.
+
+    `figure_anchors` contains the ids of the figures the report draws. The figure link is left
+    out when the finding's figure is not among them.
+    """
     key = finding.get("condition", "")
     condition = lookup.conditions.get(key, {"key": key, "kind": "other", "name": key})
     consequences = []
@@ -384,25 +570,37 @@ def finding_view(finding: dict, lookup: Lookup, classes: list[str]) -> dict:
         if brief:
             others.append(brief)
     if others:
-        consequences.append("Also missed: " + "; ".join(others) + ".")
+        consequences.append("Also missed more often: " + "; ".join(others) + ".")
+
+    figure = evidence_anchor(finding, lookup)
+    interval = effect_interval_words(finding, lookup)
+    change = effect_words(finding, lookup)
+    if interval:
+        change += f" (95 % interval {interval})"
+    p_value = finding.get("p_value")
     return {
         "id": finding.get("id", ""),
         "light": finding.get("light", "amber"),
         "title": ("After recalibration, " if finding.get("kind") in RECALIBRATION_KINDS
                   else "") + f"{condition_label(condition)}: {effect_words(finding, lookup)}",
-        "summary": finding.get("summary", ""),
+        "summary": finding_summary(finding, lookup),
         "consequences": consequences,
-        "interval": fmt_interval(finding.get("low"), finding.get("high")),
-        "p_value": fmt_p(finding.get("p_value")),
+        "change": change,
+        "change_cell": directed_change(finding.get("effect"), *lookup.direction_words(
+            finding["metric"])),
+        "interval": interval,
+        "p_value": fmt_p(p_value),
         "q_value": fmt_p(finding.get("q_value")),
-        "p_phrase": "p " + fmt_p(finding.get("p_value")) if is_number(finding.get("p_value"))
-        and finding["p_value"] < 0.0001 else "p = " + fmt_p(finding.get("p_value")),
-        "anchor": evidence_anchor(finding, lookup),
+        "p_phrase": ("p " + fmt_p(p_value) if is_number(p_value) and p_value < 0.0001
+                     else "p = " + fmt_p(p_value)) if is_number(p_value) else "",
+        "anchor": figure if figure_anchors is None or figure in figure_anchors else None,
         "row_anchor": anchor(key),
         "metric": lookup.display(finding["metric"]),
-        "effect": fmt(finding.get("effect")),
         "condition": key,
+        "condition_label": condition_label(condition),
         "kind": finding.get("kind", ""),
+        "kind_words": FINDING_KIND_WORDS.get(finding.get("kind"),
+                                             pretty_name(str(finding.get("kind", "")))),
     }
 
 
@@ -418,6 +616,11 @@ def _severity_ranges(severities: list[int]) -> str:
             runs.append([value, value])
     parts = [str(a) if a == b else f"{a}–{b}" for a, b in runs]
     return ", ".join(parts)
+
+
+# Headings in the verdict for conditions that change the test population as a whole.
+POPULATION_GROUPS = {"external": "external test sets", "prevalence": "class mix",
+                     "reweight": "population mix"}
 
 
 # Findings about the temperature-scaled model, not about the audited model under a condition.
@@ -443,7 +646,8 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
     headline = {
         "green": "No clear drop was found under the conditions tested.",
         "amber": "Small but clear drops were found under some conditions.",
-        "red": "The model did not hold up under some of the conditions tested.",
+        "red": "Clear drops of at least twice the minimum relevant difference were found "
+               "under some conditions.",
     }[light]
 
     held_up, failed, not_assessed = [], [], []
@@ -457,7 +661,7 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
         elif kind in ("subgroup", "site", "external", "prevalence", "reweight"):
             column, value = condition_parts(condition)
             label = value if kind in ("subgroup", "site") else condition_label(condition)
-            column = column if kind in ("subgroup", "site") else kind
+            column = column if kind in ("subgroup", "site") else POPULATION_GROUPS[kind]
             entry = groups.setdefault(column, {"ok": [], "bad": [], "small": []})
             if condition.get("too_small"):
                 entry["small"].append(f"{label} (n={condition.get('n')})")
@@ -487,6 +691,7 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
     primary = data["plan"].get("primary_metric")
     primary_row = lookup.result("clean", primary) if primary else None
     return {
+        "clean_text": _clean_text(data, lookup, primary, primary_row),
         "light": light,
         "headline": headline,
         "intended_use": context.get("intended_use") or "not stated",
@@ -504,6 +709,24 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
         "n_recalibration_findings": sum(1 for f in data.get("findings") or []
                                         if f.get("kind") in RECALIBRATION_KINDS),
     }
+
+
+def _clean_text(data: dict, lookup: Lookup, primary: str | None, row: dict | None) -> str:
+    """Write the primary metric on the clean test set, such as "BA 0.313 (95 % interval 0.227
+    to 0.395), n = 400", leaving out parts without a value."""
+    parts = []
+    if primary and row and is_number(row.get("value")):
+        text = f"{lookup.display(primary)} {fmt(row['value'])}"
+        interval = fmt_interval(row.get("low"), row.get("high"))
+        if interval:
+            text += f" (95 % interval {interval})"
+        parts.append(text)
+    elif primary:
+        parts.append(f"no value of {lookup.display(primary)}")
+    n_test = (data.get("data") or {}).get("n_test")
+    if is_number(n_test):
+        parts.append(f"n = {n_test:.0f}")
+    return ", ".join(parts) or "no values"
 
 
 # ---- tables ------------------------------------------------------------------------------------
@@ -550,6 +773,7 @@ def class_table(data: dict, lookup: Lookup) -> dict:
 
 
 def difference_rows(data: dict, lookup: Lookup) -> list[dict]:
+    """Build the rows of the table of changes against the reference, each with its direction."""
     rows = []
     for item in data.get("differences") or []:
         condition = lookup.conditions.get(item["condition"])
@@ -557,14 +781,19 @@ def difference_rows(data: dict, lookup: Lookup) -> list[dict]:
         reference_value = item.get("reference_value")
         if is_number(reference):
             reference_value, reference = reference, None
+        reference_condition = lookup.conditions.get(reference) if reference else None
+        if reference_condition is not None:
+            reference_text = condition_label(reference_condition)
+        else:
+            reference_text = str(reference) if reference else ""
         rows.append({
             "label": condition_label(condition) if condition else item["condition"],
             "key": item["condition"], "metric": lookup.display(item["metric"]),
-            "reference": str(reference) if reference else "",
+            "reference": reference_text,
             "reference_value": fmt(reference_value),
             "condition_value": fmt(item.get("condition_value")),
-            "delta": fmt(item.get("delta")),
-            "interval": fmt_interval(item.get("low"), item.get("high")),
+            "delta": directed_change(item.get("delta")),
+            "interval": directed_interval(item.get("low"), item.get("high")),
             "p_value": fmt_p(item.get("p_value")),
             "paired": "paired" if item.get("paired") else "unpaired",
         })
@@ -589,14 +818,42 @@ def glossary(data: dict, lookup: Lookup) -> list[dict]:
     return entries
 
 
-def limitations(data: dict) -> list[str]:
+def interval_beside_estimate(data: dict, lookup: Lookup) -> str | None:
+    """Return an example of a whole-set result whose interval excludes its own point estimate,
+    such as "AP 0.253 (0.262 to 0.475) on localization = abdomen", or None."""
+    for row in data["results"]:
+        value, low, high = row.get("value"), row.get("low"), row.get("high")
+        if row.get("class") is not None or not all(is_number(x) for x in (value, low, high)):
+            continue
+        if round(value, 3) < round(low, 3) or round(value, 3) > round(high, 3):
+            condition = lookup.conditions.get(row["condition"])
+            where = condition_label(condition) if condition else row["condition"]
+            return (f"{lookup.display(row['metric'])} {fmt(value)} "
+                    f"({fmt_interval(low, high)}) on {where}")
+    return None
+
+
+def limitations(data: dict, lookup: Lookup | None = None) -> list[str]:
+    lookup = lookup or Lookup(data)
     plan = data["plan"]
     items = []
     too_small = [c for c in data["conditions"] if c.get("too_small")]
     if too_small:
         names = ", ".join(f"{condition_label(c)} (n={c.get('n')})" for c in too_small)
-        items.append(f"Too small to assess (fewer than {plan.get('min_subgroup_size', '?')} "
-                     f"images): {names}.")
+        minimum = plan.get("min_subgroup_size")
+        fewer = f" (fewer than {minimum} images)" if is_number(minimum) else ""
+        items.append(f"Too small to assess{fewer}: {names}.")
+
+    example = interval_beside_estimate(data, lookup)
+    beside = (f"Some 95 % intervals lie entirely beside their point estimate, for example "
+              f"{example}. " if example else
+              "A 95 % interval can lie entirely beside its point estimate. ")
+    items.append(beside + "This happens mostly on small subgroups and for metrics such as AP "
+                 "and ECE: the bootstrap repeats some images and leaves out others, and on "
+                 "such resampled test sets these metrics come out systematically higher or "
+                 "lower than on the real one. Such an interval says the estimate is unstable; "
+                 "it is not a range around the value shown.")
+
     kinds = {c.get("kind") for c in data["conditions"]}
     if "external" not in kinds:
         items.append("No external test set was evaluated: every number comes from a split of "

@@ -29,18 +29,27 @@ from tools.report.content import (
     fmt,
     fmt_interval,
     fmt_p,
-    fmt_params,
     fmt_percent,
     glossary,
-    is_number,
     limitations,
     metric_table,
     pretty_name,
+    readable_text,
     sorted_findings,
     top_findings,
     verdict_view,
 )
 from tools.report.figures import Figure, build_figures
+from tools.report.wording import (
+    directed_change,
+    directed_interval,
+    fmt_count,
+    fmt_plain,
+    fmt_seconds,
+    fmt_timestamp,
+    is_number,
+    params_words,
+)
 
 TEMPLATES = Path(__file__).with_name("templates")
 FIGURE_DIR = "figures"
@@ -101,12 +110,14 @@ def _calibration_view(data: dict, lookup: Lookup) -> dict | None:
             rows.append({
                 "label": label, "metric": lookup.display(change.get("metric", "")),
                 "before": fmt(change.get("before")), "after": fmt(change.get("after")),
-                "delta": fmt(change.get("delta")),
-                "interval": fmt_interval(change.get("low"), change.get("high")),
+                "delta": directed_change(change.get("delta")),
+                "interval": directed_interval(change.get("low"), change.get("high")),
                 "p_value": fmt_p(change.get("p_value")),
                 "verdict": _change_verdict(change),
             })
-    return {"summary": summary, "sentence": calibration.get("sentence"), "rows": rows}
+    sentence = readable_text(calibration["sentence"], lookup) if calibration.get(
+        "sentence") else None
+    return {"summary": summary, "sentence": sentence, "rows": rows}
 
 
 def _change_verdict(change: dict) -> str:
@@ -139,9 +150,10 @@ def _referral_view(data: dict, lookup: Lookup) -> dict | None:
         target_metric = f"sensitivity for {referral['positive_class']}"
     score = str(referral.get("score", ""))
     score_words = CONFIDENCE_SCORE_NAMES.get(score, pretty_name(score))
-    summary = (f"Target: accepted predictions at {fmt_percent(referral.get('target'))} "
-               f"{target_metric}, with predictions below the confidence threshold "
-               f"{fmt(referral.get('threshold'))} ({score_words}) referred to a clinician.")
+    sentence = readable_text(referral["sentence"], lookup) if referral.get("sentence") else None
+    summary = _referral_summary(referral.get("target"), target_metric,
+                                referral.get("threshold"), score_words,
+                                explained=sentence is not None)
     rows = []
     for item in referral.get("rows") or []:
         condition = lookup.conditions.get(item.get("condition"))
@@ -157,8 +169,27 @@ def _referral_view(data: dict, lookup: Lookup) -> dict | None:
             "interval": fmt_interval(item.get("low"), item.get("high")),
             "meets": meets_text,
         })
-    return {"summary": summary, "sentence": referral.get("sentence"), "rows": rows,
+    return {"summary": summary, "sentence": sentence, "rows": rows,
             "target_metric": target_metric}
+
+
+def _referral_summary(target: Any, target_metric: str, threshold: Any, score_words: str,
+                      explained: bool = False) -> str:
+    """Describe the referral rule, leaving out the clause of a missing target or threshold.
+
+    `explained` is true when the referral sentence above already states that no threshold
+    reached the target.
+    """
+    goal = "Target: accepted predictions"
+    if is_number(target):
+        goal += f" at {fmt_percent(target)} {target_metric}"
+    if is_number(threshold):
+        return (f"{goal}. Predictions whose {score_words} is below {fmt(threshold)} are "
+                "referred to a clinician.")
+    if explained:
+        return f"{goal}, with predictions ranked by their {score_words}."
+    return (f"{goal}. No threshold on the {score_words} reached the target on the calibration "
+            "split, so every prediction would be referred to a clinician.")
 
 
 def _mitigation_view(data: dict, lookup: Lookup) -> dict | None:
@@ -169,16 +200,22 @@ def _mitigation_view(data: dict, lookup: Lookup) -> dict | None:
     metric = lookup.display(mitigation.get("metric", ""))
 
     policy = mitigation.get("policy") or {}
-    steps = [f"{pretty_name(step.get('shift', ''))} with probability "
-             f"{fmt(step.get('probability'), 2)}" for step in policy.get("steps") or []]
+    steps = []
+    for step in policy.get("steps") or []:
+        probability = step.get("probability")
+        chance = f" with probability {fmt(probability, 2)}" if is_number(probability) else ""
+        steps.append(f"{pretty_name(step.get('shift', ''))}{chance}")
     summary = "Augment and retrain"
     if steps:
         summary += ": the model was retrained with " + "; ".join(steps)
     summary += "."
     if mitigation.get("new_audit_id"):
         summary += f" The retrained model was audited as {mitigation['new_audit_id']}."
-    clean = (f"{metric} on the clean test set: {fmt(mitigation.get('clean_before'))} before, "
-             f"{fmt(mitigation.get('clean_after'))} after retraining.")
+    before, after = mitigation.get("clean_before"), mitigation.get("clean_after")
+    clean = ""
+    if is_number(before) and is_number(after):
+        clean = (f"{metric} on the clean test set: {fmt(before)} before, {fmt(after)} after "
+                 "retraining.")
     overall = ""
     if is_number(mitigation.get("overall_recovered_fraction")):
         overall = (f"Overall, {fmt_percent(mitigation['overall_recovered_fraction'])} of the "
@@ -196,37 +233,51 @@ def _mitigation_view(data: dict, lookup: Lookup) -> dict | None:
             "note": item.get("note") or "",
         })
     seconds = mitigation.get("train_seconds")
-    note = f"Retraining took {seconds:.0f} s." if is_number(seconds) else ""
+    note = f"Retraining took {fmt_seconds(seconds)}." if is_number(seconds) else ""
     return {"summary": summary, "clean": clean, "overall": overall, "rows": rows,
             "metric": metric, "note": note}
 
 
 # ---- plan, methods, reproducibility ------------------------------------------------------------
 
+def _cost_text(cost: dict) -> str:
+    """Write the planner's cost estimate in words, leaving out the parts it did not estimate."""
+    parts = []
+    if is_number(cost.get("conditions")):
+        parts.append(f"{cost['conditions']:.0f} conditions")
+    if is_number(cost.get("images_predicted")):
+        parts.append(f"{cost['images_predicted']:.0f} images predicted")
+    if is_number(cost.get("estimated_seconds")):
+        parts.append(f"about {fmt_seconds(cost['estimated_seconds'])} (estimate)")
+    sentences = [", ".join(parts)] if parts else []
+    note = str(cost.get("note") or "").strip()
+    if note:
+        sentences.append(note[0].upper() + note[1:])
+    return " ".join(text if text.endswith(".") else text + "." for text in sentences)
+
+
+def _band_text(bands: list) -> str:
+    """Write band edges, whole ones without decimals, such as "0, 30, 45, 60, 75, 86"."""
+    return ", ".join(fmt_plain(edge) for edge in bands)
+
+
 def _plan_view(data: dict, lookup: Lookup) -> dict:
     plan = data["plan"]
     cost = plan.get("cost") or {}
-    cost_text = ""
-    if cost:
-        seconds = cost.get("estimated_seconds")
-        seconds_text = f"{seconds:.0f}" if is_number(seconds) else "?"
-        cost_text = (f"{cost.get('conditions', '?')} conditions, "
-                     f"{cost.get('images_predicted', '?')} images predicted, about "
-                     f"{seconds_text} s (estimate")
-        cost_text += f"; {cost['note']})." if cost.get("note") else ")."
     return {
         "primary": lookup.display(plan.get("primary_metric", "")),
         "primary_reason": plan.get("primary_reason") or "",
         "metrics": [{"display": lookup.display(m["id"]), "id": m["id"],
-                     "params": fmt_params(m.get("params")), "reason": m.get("reason", "")}
+                     "params": params_words(m.get("params"), lookup.classes()),
+                     "reason": m.get("reason", "")}
                     for m in plan.get("metrics", [])],
         "shifts": [{"name": pretty_name(s["name"]),
                     "severities": ", ".join(str(x) for x in s.get("severities", [])),
                     "reason": s.get("reason", "")} for s in plan.get("shifts", [])],
         "subgroups": [{"column": s.get("column", ""),
-                       "bands": ", ".join(str(b) for b in s["bands"]) if s.get("bands") else "",
+                       "bands": _band_text(s["bands"]) if s.get("bands") else "",
                        "reason": s.get("reason", "")} for s in plan.get("subgroups", [])],
-        "cost": cost_text,
+        "cost": _cost_text(cost) if cost else "",
     }
 
 
@@ -244,18 +295,21 @@ def _methods(data: dict) -> list[str]:
     fdr = settings.get("fdr", 0.05)
     resamples = f"{bootstrap} " if bootstrap is not None else ""
     return [
-        (f"Intervals are 95 % bootstrap percentile intervals from {resamples}resamples of the "
-        "test images."),
+        (f"Every 95 % interval is a bootstrap percentile interval from {resamples}resamples of "
+         "the test images."),
         ("Image shifts are applied to the clean test images and compared with them on the same "
-        "images (paired bootstrap). Subgroups and sites are compared with the rest of the test "
-        "set (unpaired bootstrap)."),
+         "images (paired bootstrap). Subgroups and sites are compared with the rest of the test "
+         "set (unpaired bootstrap)."),
         (f"A finding needs a change of at least {minimum} in the metric's bad direction, a 95 % "
-        "interval of the change that excludes 0, and a two-sided p-value that passes "
-        f"Benjamini-Hochberg at FDR {fdr} across all candidate findings of the audit. The "
-        "p-value is the normal approximation with the bootstrap standard error of the change, "
-        "so its smallest value does not depend on the number of resamples."),
+         "interval of the change that excludes no change, and a two-sided p-value that passes "
+         f"Benjamini-Hochberg at FDR {fdr} across all candidate findings of the audit. The "
+         "p-value is the normal approximation with the bootstrap standard error of the change, "
+         "so its smallest value does not depend on the number of resamples."),
+        ("\"Clear drop found\" in the verdict means a condition has such a finding. \"No clear "
+         "drop found\" means it has none, which with a wide interval can also mean that the "
+         "test set was too small to tell."),
         ("Traffic lights: green means no finding, amber an effect below twice the minimum "
-        "relevant difference, red an effect above it."),
+         "relevant difference, red an effect above it."),
     ]
 
 
@@ -272,17 +326,34 @@ def _sample_sizes(data: dict) -> list[dict]:
     return rows
 
 
+def _repro_value(name: str, value: Any) -> str:
+    """Write one reproducibility value in words, durations (names ending in "_seconds" or
+    "_s") in seconds."""
+    if isinstance(value, dict):
+        return ", ".join(f"{pretty_name(_duration_name(k))}: {_repro_value(k, v)}"
+                         for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_repro_value(name, v) for v in value)
+    if is_number(value) and _duration_name(name) != name:
+        return fmt_seconds(value)
+    if is_number(value):
+        return fmt_plain(value) if float(value).is_integer() else f"{value:.4g}"
+    return str(value)
+
+
+def _duration_name(name: str) -> str:
+    """Return `name` without a "_seconds" or "_s" ending, unchanged when it has none."""
+    for ending in ("_seconds", "_s"):
+        if name.endswith(ending):
+            return name[:-len(ending)]
+    return name
+
+
 def _reproducibility(data: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
     repro = dict(data.get("reproducibility") or {})
     spec = repro.pop("spec", None)
     packages = repro.pop("packages", None) or {}
-    items = []
-    for name, value in repro.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} = {v}" for k, v in value.items())
-        elif isinstance(value, list):
-            value = ", ".join(str(v) for v in value)
-        items.append((pretty_name(name), str(value)))
+    items = [(pretty_name(name), _repro_value(name, value)) for name, value in repro.items()]
     spec_text = ""
     if isinstance(spec, str):
         spec_text = spec
@@ -291,13 +362,21 @@ def _reproducibility(data: dict) -> tuple[list[tuple[str, str]], list[tuple[str,
     return items, sorted(packages.items()), spec_text
 
 
-def _reliability_tables(data: dict) -> list[tuple[str, list[dict]]]:
+def _reliability_tables(data: dict, lookup: Lookup) -> list[tuple[str, list[dict]]]:
+    """Build the reliability bins of each condition, labelled as in the tables, with integer
+    counts."""
     tables = []
     for key, bins in (data.get("reliability") or {}).items():
+        condition = lookup.conditions.get(key)
+        if condition is None and key.startswith("recalibrated:"):
+            of = lookup.conditions.get(key[len("recalibrated:"):])
+            label = f"{condition_label(of)}, after recalibration" if of else key
+        else:
+            label = condition_label(condition) if condition else key
         rows = [{"range": f"{fmt(b.get('lower'), 2)}–{fmt(b.get('upper'), 2)}",
-                 "count": b.get("count", 0), "confidence": fmt(b.get("confidence")),
+                 "count": fmt_count(b.get("count", 0)), "confidence": fmt(b.get("confidence")),
                  "accuracy": fmt(b.get("accuracy"))} for b in bins]
-        tables.append((key, rows))
+        tables.append((label, rows))
     return tables
 
 
@@ -341,12 +420,18 @@ def build_view(data: dict) -> dict:
     figures: dict[str, Figure | None] = dict.fromkeys(OPTIONAL_FIGURES)
     figures.update(build_figures(data, lookup))
     classes = consequence_classes(data)
-    findings = [finding_view(f, lookup, classes) for f in sorted_findings(data)]
-    top = [finding_view(f, lookup, classes) for f in top_findings(data, lookup)]
+    drawn = {figure.anchor for figure in figures.values() if figure is not None}
+    findings = [finding_view(f, lookup, classes, drawn) for f in sorted_findings(data)]
+    top = [finding_view(f, lookup, classes, drawn) for f in top_findings(data, lookup)]
     repro_items, packages, spec_text = _reproducibility(data)
+    audit = _filled(data["audit"], ("id", "created_at", "kind", "status", "planner"))
+    audit["created_at"] = fmt_timestamp(data["audit"].get("created_at")) or "–"
+    audit["wall_time"] = fmt_seconds(data["audit"].get("wall_seconds"))
+    reviews = [{**review, "created_at": fmt_timestamp(review.get("created_at"))}
+               for review in data.get("reviews") or []]
     return {
         "schema_version": data["schema_version"],
-        "audit": _filled(data["audit"], ("id", "created_at", "kind", "status", "planner")),
+        "audit": audit,
         "model": _filled(data["model"], ("arch", "checkpoint", "checkpoint_sha256",
                                          "input_size")),
         "dataset": _filled(data["data"], ("name", "n_train", "n_calibration", "n_test",
@@ -363,7 +448,7 @@ def build_view(data: dict) -> dict:
         "figures": figures,
         "severity_figures": [f for name, f in figures.items()
                              if f is not None and name.startswith("severity-")],
-        "reliability_tables": _reliability_tables(data),
+        "reliability_tables": _reliability_tables(data, lookup),
         "contact_sheet": _contact_sheet(data),
         "calibration": _calibration_view(data, lookup),
         "referral": _referral_view(data, lookup),
@@ -371,12 +456,12 @@ def build_view(data: dict) -> dict:
         "plan": _plan_view(data, lookup),
         "methods": _methods(data),
         "sample_sizes": _sample_sizes(data),
-        "limitations": limitations(data),
+        "limitations": limitations(data, lookup),
         "glossary": glossary(data, lookup),
         "repro_items": repro_items,
         "packages": packages,
         "spec_text": spec_text,
-        "reviews": list(data.get("reviews") or []),
+        "reviews": reviews,
         "narrative": _paragraphs(data.get("narrative")),
         # The first consequence of the top finding, repeated in the verdict box.
         "patient": next(({"sentence": f["consequences"][0], "id": f["id"]}
