@@ -627,3 +627,16 @@ def test_long_tables_move_to_appendix(markdown, html):
     positions = [html.index(f'<section id="{section}">') for section in SECTION_IDS]
     assert positions[-1] < html.index('<section id="appendix">')
     assert html.index('id="all-findings"') > html.index('<section id="appendix">')
+
+
+def test_report_data_marks_store_timestamps_utc(tmp_path):
+    from tools.report.data import build_report_data
+    from tools.store import Store
+
+    with Store(tmp_path / "a.duckdb") as store:
+        audit = store.create_audit("image", {}, {"metrics": []})
+        stored = store.audit(audit)["created_at"]
+        data = build_report_data(store, audit)
+
+    assert stored.tzinfo is None
+    assert data["audit"]["created_at"] == stored.isoformat() + "+00:00"

@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import math
 import platform
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ def _clean(obj: Any) -> Any:
         return {k: _clean(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_clean(v) for v in obj]
+    if isinstance(obj, datetime) and obj.tzinfo is None:
+        # The store writes UTC timestamps without a zone, so the zone is added here.
+        return obj.replace(tzinfo=timezone.utc).isoformat()
     if hasattr(obj, "isoformat"):
         return obj.isoformat()
     return _clean_number(obj)

@@ -16,7 +16,7 @@ def is_number(value: Any) -> bool:
 
 
 def fmt_count(value: Any) -> str:
-    """Write a count such as 10.0 as "10"; a missing value becomes an empty string."""
+    """Write a count such as 10.0 as "10", and a missing value as an empty string."""
     if not is_number(value):
         return ""
     return f"{round(value):d}"
@@ -104,7 +104,7 @@ def param_words(key: str, value: Any, classes: list[str]) -> str | None:
 
 
 def params_words(params: dict | None, classes: list[str] | None = None) -> str:
-    """Describe a metric's parameters, such as "mel" or "15 bins"; empty when there are none."""
+    """Describe a metric's parameters, such as "mel" or "15 bins", or return "" for none."""
     words = [param_words(key, value, classes or [])
              for key, value in sorted((params or {}).items())]
     return ", ".join(word for word in words if word)
@@ -124,7 +124,7 @@ def _mix_words(shares: dict) -> str:
 
 
 def prevalence_words(condition: dict) -> str:
-    """For example "classes re-sampled to equal prevalence"."""
+    """Describe a prevalence condition, such as "classes re-sampled to equal prevalence"."""
     mix = (condition.get("params") or {}).get("class_mix") or {}
     if _equal(mix):
         return "classes re-sampled to equal prevalence"
@@ -134,7 +134,8 @@ def prevalence_words(condition: dict) -> str:
 
 
 def reweight_words(condition: dict) -> str:
-    """For example "test set re-weighted so each dataset counts equally"."""
+    """Describe a reweight condition, such as "test set re-weighted so each dataset counts
+    equally"."""
     params = condition.get("params") or {}
     column = params.get("column")
     target = params.get("target") or {}
