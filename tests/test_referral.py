@@ -44,8 +44,8 @@ def test_rule_that_breaks_under_shift_is_a_candidate():
     assert rows["shift:blur:5"]["accepted_value"] == pytest.approx(0.60)
     assert [c["condition"] for c in candidates] == ["shift:blur:5"]
     assert candidates[0]["effect"] == pytest.approx(0.35)
-    assert "60%" in report["sentence"]
-    assert "10%" in report["sentence"]
+    assert "60 %" in report["sentence"]
+    assert "10 %" in report["sentence"]
 
 
 def test_unreachable_target_refers_everything():
@@ -86,3 +86,26 @@ def test_sensitivity_target_needs_positive_class():
     probs, labels = two_class(np.full(5, 0.9), np.full(5, 0.6))
     with pytest.raises(ValueError, match="positive_class"):
         referral_report(probs, labels, {}, target=0.9, metric="sensitivity")
+
+
+@pytest.mark.parametrize("key, phrase", [
+    ("clean", "the clean test set"),
+    ("shift:gaussian_blur:3", "gaussian blur at severity 3"),
+    ("site:dataset:rosendahl", "dataset = rosendahl"),
+    ("prevalence:nv_mel_even", "the class mix nv mel even"),
+    ("reweight:equal_dataset", "the test set re-weighted to equal dataset"),
+])
+def test_referral_names_every_condition_kind(key, phrase):
+    from tools.referral import _describe
+
+    assert _describe(key) == phrase
+
+
+@pytest.mark.parametrize("key, phrase", [
+    ("prevalence:nv_mel_even", "images re-sampled to the class mix nv mel even"),
+    ("reweight:equal_dataset", "images re-weighted to equal dataset"),
+])
+def test_calibration_names_population_conditions(key, phrase):
+    from tools.calibration import describe_condition
+
+    assert describe_condition(key) == phrase

@@ -1054,6 +1054,10 @@ def describe_condition(key: str) -> str:
         return f"images where {parts[1]} is {parts[2]}"
     if parts[0] == "external" and len(parts) == 2:
         return f"images from {parts[1]}"
+    if parts[0] == "prevalence":
+        return f"images re-sampled to the class mix {parts[-1].replace('_', ' ')}"
+    if parts[0] == "reweight":
+        return f"images re-weighted to {parts[-1].replace('_', ' ')}"
     return f"images under {parts[-1].replace('_', ' ')}"
 
 

@@ -83,22 +83,30 @@ def _describe(key: str) -> str:
         return f"{parts[1]} = {parts[2]}"
     if parts[0] == "external":
         return f"the external set {parts[1]}"
+    if parts[0] == "prevalence":
+        return f"the class mix {parts[-1].replace('_', ' ')}"
+    if parts[0] == "reweight":
+        return f"the test set re-weighted to {parts[-1].replace('_', ' ')}"
     if key == "clean":
         return "the clean test set"
     return parts[-1].replace("_", " ")
 
 
+def _percent(share: float) -> str:
+    return f"{100 * share:.0f} %"
+
+
 def _sentence(target: float, clean: dict[str, Any], worst: dict[str, Any] | None,
               what: str = "accuracy") -> str:
     if clean["threshold"] is None or clean["accepted_value"] is None:
-        return (f"No confidence threshold keeps accepted predictions at {target:.0%} {what} on "
+        return (f"No confidence threshold keeps accepted predictions at {_percent(target)} {what} on "
                 "the calibration split: every prediction would need review.")
-    text = (f"To keep accepted predictions at {target:.0%} {what}, "
-            f"{clean['referred']:.0%} of cases would be referred to a clinician on images like "
-            f"the training data (accepted {what} {clean['accepted_value']:.0%})")
+    text = (f"To keep accepted predictions at {_percent(target)} {what}, "
+            f"{_percent(clean['referred'])} of cases would be referred to a clinician on images like "
+            f"the training data (accepted {what} {_percent(clean['accepted_value'])})")
     if worst is not None and worst["accepted_value"] is not None:
         text += (f"; under {_describe(worst['condition'])} accepted predictions drop to "
-                 f"{worst['accepted_value']:.0%} with {worst['referred']:.0%} referred")
+                 f"{_percent(worst['accepted_value'])} with {_percent(worst['referred'])} referred")
     return text + "."
 
 
