@@ -84,27 +84,35 @@ def show_plan(plan) -> bool:
 
 
 def print_summary(store_file: Path, audit_id: str, report_paths: dict[str, str]) -> None:
+    """Print the clean results and the report's top findings, counted as the verdict counts them."""
     from rich.table import Table
 
+    from tools.report.content import RECALIBRATION_KINDS, Lookup, top_findings
+    from tools.report.data import build_report_data
     from tools.store import Store
 
     with Store(store_file) as store:
         results = [r for r in store.results(audit_id)
                    if r["condition"] == "clean" and r["class"] is None]
-        found = store.findings(audit_id)
+        data = build_report_data(store, audit_id, include_images=False)
+    top = top_findings(data, Lookup(data))
+    found = [f for f in data["findings"] if f.get("kind") not in RECALIBRATION_KINDS]
+    recalibration = len(data["findings"]) - len(found)
     table = Table(title=f"Audit {audit_id}: clean test set")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_column("95% interval", justify="right")
+    table.add_column("95 % interval", justify="right")
     for row in results:
         interval = "" if row["low"] is None else f"{row['low']:.3f} to {row['high']:.3f}"
         value = "NaN" if row["value"] is None else f"{row['value']:.3f}"
         table.add_row(row["metric"], value, interval)
     console.print(table)
-    console.print(f"{len(found)} findings "
+    console.print(f"{len(found)} findings about the audited model "
                   f"({sum(f['light'] == 'red' for f in found)} red, "
-                  f"{sum(f['light'] == 'amber' for f in found)} amber).")
-    for finding in found[:5]:
+                  f"{sum(f['light'] == 'amber' for f in found)} amber)"
+                  + (f", {recalibration} about the recalibrated model" if recalibration else "")
+                  + (". Top findings, as in the report:" if top else "."))
+    for finding in top:
         colour = "red" if finding["light"] == "red" else "yellow"
         console.print(f"  [{colour}]{finding['id']}[/] {finding['summary']}", highlight=False)
     for kind, path in report_paths.items():

@@ -425,3 +425,22 @@ def test_compare_population_rows_match_stored_results(audited):
     for metric in ("balanced_accuracy", "brier", "ece_top_label"):
         key = ("reweight:equal_sex", metric)
         assert compared[key]["a"] == pytest.approx(stored[key], abs=1e-12), metric
+
+
+def test_cli_summary_lists_the_reports_top_findings(audited):
+    import re
+
+    markdown = (audited["out"] / "report.md").read_text()
+    top_section = markdown[markdown.index("## 2 Top findings"):markdown.index("## 3 ")]
+    top_ids = re.findall(r"^### (?:RED|AMBER) (F\d+):", top_section, re.MULTILINE)
+    with Store(audited["store"]) as db:
+        stored = {f["id"]: f for f in db.findings(audited["audit_id"])}
+    recalibration = {"recalibration_harms", "recalibration_overconfidence_grows",
+                     "subgroup_calibration_differs"}
+    about_model = [f for f in stored.values() if f["kind"] not in recalibration]
+    output = " ".join(audited["output"].split())
+
+    assert f"{len(about_model)} findings about the audited model" in output
+    assert top_ids
+    for finding_id in top_ids:
+        assert finding_id in output
