@@ -135,7 +135,7 @@ def test_demo_rejects_max_images_zero(tmp_path, ham_dir):
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        ("error: spec: audit.max_images: must be at least 1, got 0; leave it out (or null) to "
+        ("error: --max-images 0: must be at least 1, got 0; leave it out (or null) to "
          "audit every test image")]
 
 
