@@ -186,16 +186,16 @@ def _override_audit(audit, options: dict):
 
     from tools.spec import SpecError
 
-    given = {name: value for name, value in options.items() if value is not None}
-    if not given:
+    overrides = {name: value for name, value in options.items() if value is not None}
+    if not overrides:
         return audit
     try:
-        return type(audit).model_validate({**audit.model_dump(), **given})
+        return type(audit).model_validate({**audit.model_dump(), **overrides})
     except ValidationError as error:
         problem = error.errors()[0]
         option = "--" + str(problem["loc"][0]).replace("_", "-")
         message = problem["msg"].removeprefix("Value error, ")
-        raise SpecError(f"{option} {given.get(problem['loc'][0])!r}: {message}") from None
+        raise SpecError(f"{option} {overrides.get(problem['loc'][0])!r}: {message}") from None
 
 
 def check_gates(store_file: Path, audit_id: str, gates) -> None:
@@ -450,7 +450,7 @@ def delete(
             raise typer.Exit(0)
         db.delete_audit(audit_id)
     console.print(f"Deleted audit {audit_id} from {store_path(store)}.")
-    # Report files are the user's documents: they are kept, but the user is told where.
+    # Report files are the user's documents: they are kept, and the message gives their folder.
     folder = Path("audits") / audit_id
     if folder.is_dir():
         console.print(f"Its report files in {folder}/ were kept; remove them by hand if unwanted.")

@@ -19,8 +19,8 @@ def rows(labels: list[int], predicted: list[int]):
 
 
 def write_audit(store: Store) -> str:
-    """Write clean (30 of class 1) and a site with 4 of class 1, both with a large sensitivity
-    drop against a reference, plus a clear accuracy drop at the site."""
+    """Write clean (30 of class 1) and a site with 4 of class 1 whose differences show a large
+    sensitivity drop and a clear accuracy drop."""
     audit_id = store.create_audit("image", {}, PLAN)
     clean = rows([1] * 30 + [0] * 30, [1] * 30 + [0] * 30)
     store.save_condition(audit_id, Condition("clean", "clean", "clean", n=60), *clean,

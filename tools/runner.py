@@ -465,8 +465,8 @@ class AuditRunner:
 
 
 # A metric of one class (its sensitivity, say) is not tested under a condition with fewer rows of
-# that class than this: with 3 melanomas a site's sensitivity can only be 0, 1/3, 2/3 or 1, and
-# its bootstrap interval collapses to a point.
+# that class than this. With 3 melanomas a site's sensitivity can only be 0, 1/3, 2/3 or 1, so
+# its bootstrap interval often collapses to a point.
 MIN_CLASS_ROWS = 10
 
 # Metrics whose value rests on the rows of the positive class, and the one that rests on the

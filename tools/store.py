@@ -238,10 +238,10 @@ class Store:
         status = self.audit(audit_id)["status"]
         if status == "finished":
             return
-        how = {"running": "is still running or stopped without finishing",
-               "failed": "failed", "interrupted": "was interrupted"}.get(status, f"is {status}")
+        state = {"running": "is still running or stopped without finishing",
+                 "failed": "failed", "interrupted": "was interrupted"}.get(status, f"is {status}")
         error = self.audit(audit_id)["meta"].get("error")
-        raise StoreError(f"audit {audit_id} {how}" + (f" ({error})" if error else "")
+        raise StoreError(f"audit {audit_id} {state}" + (f" ({error})" if error else "")
                          + "; its results are incomplete, so it has no verdict. Run the audit "
                          f"again, or resume a chat audit with `clinaudit chat --resume {audit_id}`")
 
