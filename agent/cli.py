@@ -532,8 +532,11 @@ def mitigate(
                                       "of fine-tuning the audited checkpoint."),
     lr: float = typer.Option(1e-3, help="Peak learning rate."),
 ) -> None:
-    """Augment-and-retrain: fine-tune against the audit's damaging shifts, re-audit, and report
-    how much of the lost performance came back."""
+    """Fine-tune against the audit's damaging shifts, re-audit, and report what came back.
+
+    Augment-and-retrain: the shifts that hurt the model become training augmentations, the
+    fine-tuned model is audited again, and the table shows how much of each loss was recovered.
+    """
     from rich.table import Table
 
     from tools.report import write_audit_report

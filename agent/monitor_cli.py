@@ -189,13 +189,16 @@ def print_record(record: dict[str, Any]) -> None:
 
     performance = record["performance"]
     clean = record["audited_clean"]
-    table = Table(title="Estimated performance without labels (95% bootstrap interval)")
+    table = Table(title="Estimated performance without labels (95 % bootstrap interval)")
     for column in ("metric", "audited clean", "ATC estimate", "mean-confidence estimate"):
         table.add_column(column)
     for metric in ("accuracy", "balanced_accuracy"):
         table.add_row(metric, _value(clean.get(metric)), _interval(performance[f"{metric}_atc"]),
                       _interval(performance[f"{metric}_confidence"]))
     console.print(table)
+    console.print("ATC (average thresholded confidence) estimates accuracy as the share of batch "
+                  "images whose confidence is above a threshold set on the calibration split, "
+                  "where that share equals the accuracy.", highlight=False)
 
     table = Table(title="Input drift against the clean test images")
     for column in ("statistic", "clean mean", "batch mean", "std. mean difference", "KS D",
