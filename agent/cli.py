@@ -115,8 +115,18 @@ def print_summary(store_file: Path, audit_id: str, report_paths: dict[str, str])
     for finding in top:
         colour = "red" if finding["light"] == "red" else "yellow"
         console.print(f"  [{colour}]{finding['id']}[/] {finding['summary']}", highlight=False)
-    for kind, path in report_paths.items():
-        console.print(f"{kind}: {path}")
+    print_paths(report_paths)
+
+
+def print_paths(paths: dict) -> None:
+    """Print each report file, and the figure files as one count with their folder."""
+    figures = [Path(path) for kind, path in paths.items() if kind.startswith("figure:")]
+    for kind, path in paths.items():
+        if not kind.startswith("figure:"):
+            console.print(f"{kind}: {path}", highlight=False, soft_wrap=True)
+    if figures:
+        console.print(f"figures: {len(figures)} files in {figures[0].parent}", highlight=False,
+                      soft_wrap=True)
 
 
 def run_graph(spec, spec_base: Path, store_file: Path, out: Path | None, planner,
@@ -404,8 +414,7 @@ def report(
             from tools.report.pdf import html_to_pdf
 
             paths["pdf"] = html_to_pdf(paths["html"], Path(paths["html"]).with_suffix(".pdf"))
-    for kind, path in paths.items():
-        console.print(f"{kind}: {path}")
+    print_paths(paths)
 
 
 @app.command()
@@ -571,8 +580,7 @@ def mitigate(
     console.print(f"Clean {result.metric}: {result.clean_before:.3f} -> {result.clean_after:.3f}. "
                   "Net recovered over the clear losses, after subtracting falls elsewhere: "
                   f"{'n/a' if overall is None else f'{overall:.0%}'}.")
-    for kind, path in paths.items():
-        console.print(f"{kind}: {path}")
+    print_paths(paths)
 
 
 app.command("audit-llm")(audit_llm)

@@ -106,3 +106,15 @@ def test_delete_mentions_kept_report_folder(tmp_path, monkeypatch):
     assert result.exit_code == 0
     assert f"Its report files in audits/{audit_id}/ were kept" in " ".join(result.output.split())
     assert (tmp_path / "audits" / audit_id).is_dir()
+
+
+def test_report_paths_count_figures_in_one_line(capsys, tmp_path):
+    from agent.cli import print_paths
+
+    figures = tmp_path / "figures"
+    print_paths({"html": tmp_path / "report.html", "figure:a": figures / "a.svg",
+                 "figure:b": figures / "b.svg", "markdown": tmp_path / "report.md"})
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"html: {tmp_path / 'report.html'}", f"markdown: {tmp_path / 'report.md'}",
+                     f"figures: 2 files in {figures}"]

@@ -549,7 +549,8 @@ def test_monitor_manifest_batch_matches_folder(tiny_audit, ham_dir):
 
 
 @pytest.mark.parametrize("case", ["unknown_audit", "missing_store", "empty_folder",
-                                  "unreadable_image", "empty_manifest", "missing_batch"])
+                                  "unreadable_image", "empty_manifest", "missing_batch",
+                                  "wrong_id_column"])
 def test_monitor_bad_input_exits_2(tiny_audit, case):
     from typer.testing import CliRunner
 
@@ -570,6 +571,9 @@ def test_monitor_bad_input_exits_2(tiny_audit, case):
         data.write_text("image_id\n")
     elif case == "missing_batch":
         data = bad / "nowhere"
+    elif case == "wrong_id_column":
+        data = bad / "batch.csv"
+        data.write_text("file\nISIC_1.jpg\n")
     result = CliRunner().invoke(monitor_app(), ["--audit", audit_id, "--data", str(data),
                                                 "--store", str(store), "--out", str(bad / "out")])
     assert result.exit_code == 2, result.output
@@ -579,7 +583,9 @@ def test_monitor_bad_input_exits_2(tiny_audit, case):
     expected = {"unknown_audit": "no-such-audit", "missing_store": "missing.duckdb",
                 "empty_folder": "empty",
                 "unreadable_image": "broken.jpg", "empty_manifest": "empty",
-                "missing_batch": "nowhere"}[case]
+                "missing_batch": "nowhere",
+                "wrong_id_column": "column 'image_id' not found; the manifest has file; name the "
+                                   "image column with --id-column"}[case]
     assert expected in message
     if case == "missing_store":
         assert not store.exists()

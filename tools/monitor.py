@@ -148,8 +148,10 @@ def _read_batch_manifest(manifest: Path, id_column: str, path_column: str | None
 
     column = path_column or id_column
     if column not in table.columns:
+        option = "--path-column" if path_column else "--id-column"
         raise MonitorError(f"{manifest}: column {column!r} not found; the manifest has "
-                           f"{', '.join(map(str, table.columns))}")
+                           f"{', '.join(map(str, table.columns))}; name the image column with "
+                           f"{option}")
 
     if images_dir is None:
         beside = manifest.parent / "images"
