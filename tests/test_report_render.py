@@ -640,3 +640,20 @@ def test_report_data_marks_store_timestamps_utc(tmp_path):
 
     assert stored.tzinfo is None
     assert data["audit"]["created_at"] == stored.isoformat() + "+00:00"
+
+
+def test_verdict_lists_conditions_too_thin_for_one_class():
+    data = minimal_data()
+    data["conditions"].append({"key": "site:dataset:molemax", "kind": "site", "name": "molemax",
+                               "severity": None, "params": {"column": "dataset",
+                                                            "value": "molemax"},
+                               "n": 120, "effective_n": None, "too_small": False})
+    data["thin_class_conditions"] = [{"condition": "site:dataset:molemax", "metric": "sensitivity",
+                                      "positive_class": 0, "rows": 4, "counted": "labels"}]
+
+    html = render_html(data)
+    markdown = render_markdown(data)
+
+    assert "Not tested for one class (fewer than 10 images of that class):" in markdown
+    assert "Sens (mel): dataset = molemax (4 mel)" in markdown
+    assert "Sens (mel): dataset = molemax (4 mel) – fewer than 10 images of that class" in html

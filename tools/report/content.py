@@ -628,6 +628,22 @@ RECALIBRATION_KINDS = {"recalibration_harms", "recalibration_overconfidence_grow
                        "subgroup_calibration_differs"}
 
 
+def _thin_class_lines(data: dict, lookup: Lookup) -> list[str]:
+    """List, per one-class metric, the conditions with too few images of that class to test it."""
+    classes = data["model"].get("classes") or []
+    places: dict[tuple[str, str], list[str]] = {}
+    for item in data.get("thin_class_conditions") or []:
+        condition = lookup.conditions.get(item["condition"])
+        label = condition_label(condition) if condition else item["condition"]
+        k = item["positive_class"]
+        name = classes[k] if isinstance(k, int) and 0 <= k < len(classes) else str(k)
+        counted = f"{item['rows']} predicted {name}" if item.get("counted") == "predictions" \
+            else f"{item['rows']} {name}"
+        places.setdefault((item["metric"], name), []).append(f"{label} ({counted})")
+    return [f"{lookup.display(metric)} ({name}): {', '.join(where)}"
+            for (metric, name), where in places.items()]
+
+
 def verdict_view(data: dict, lookup: Lookup) -> dict:
     """Build the verdict box: overall light, intended use, where the model held up and where not.
 
@@ -691,6 +707,7 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
     primary = data["plan"].get("primary_metric")
     primary_row = lookup.result("clean", primary) if primary else None
     return {
+        "thin_classes": _thin_class_lines(data, lookup),
         "clean_text": _clean_text(data, lookup, primary, primary_row),
         "light": light,
         "headline": headline,

@@ -120,6 +120,12 @@ def _calibration_view(data: dict, lookup: Lookup) -> dict | None:
     return {"summary": summary, "sentence": sentence, "rows": rows}
 
 
+def _min_class_rows() -> int:
+    from tools.runner import MIN_CLASS_ROWS
+
+    return MIN_CLASS_ROWS
+
+
 def _change_verdict(change: dict) -> str:
     """Judge one metric's change under recalibration from its own interval.
 
@@ -437,6 +443,7 @@ def build_view(data: dict) -> dict:
         "dataset": _filled(data["data"], ("name", "n_train", "n_calibration", "n_test",
                                           "data_hash")),
         "verdict": verdict_view(data, lookup),
+        "min_class_rows": _min_class_rows(),
         "top_findings": top,
         "more_findings": len(findings) - len(top),
         "all_findings": findings,
