@@ -550,14 +550,16 @@ def mitigate(
 
     from tools.report import write_audit_report
     from tools.retrain import AugmentRetrainInput, augment_and_retrain
-    from tools.store import Store
+    from tools.store import Store, new_audit_id
 
     store_file = store_path(store)
-    out = out or Path("audits") / f"{audit_id}-mitigated"
+    new_id = new_audit_id()
+    out = out or Path("audits") / new_id
     with bad_input_exits():
         with Store(store_file) as db:
             db.require_finished(audit_id)
         request = AugmentRetrainInput(audit_id=audit_id, store=store_file, out_dir=out,
+                                      new_audit_id=new_id,
                                       epochs=epochs, time_limit_s=time_limit,
                                       from_scratch=from_scratch, lr=lr)
         with ProgressBars() as bars:

@@ -6,8 +6,6 @@ run's `configurable` config instead of the state.
 """
 
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +31,6 @@ def _spec(state: AuditState) -> AuditSpec:
 
 def _log(state: AuditState, line: str) -> list[str]:
     return [*state.get("log", []), line]
-
-
-@contextmanager
-def _status_on_error(store: Store, audit_id: str) -> Iterator[None]:
-    """Mark the audit "failed" (or "interrupted" on Ctrl-C) when the block raises, then re-raise.
-
-    Without this an audit that stopped half-way would stay "running", and its partial results
-    could be rendered as if it had finished.
-    """
-    try:
-        yield
-    except BaseException as error:
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-        store.update_audit(audit_id, status=status, meta={"error": message})
-        raise
 
 
 def interview(state: AuditState, config: RunnableConfig | None = None) -> dict[str, Any]:
@@ -127,7 +109,7 @@ def run(state: AuditState, config: RunnableConfig | None = None) -> dict[str, An
     started = time.perf_counter()
     with Store(state["store_path"]) as store:
         store.update_audit(state["audit_id"], status="running")
-        with _status_on_error(store, state["audit_id"]):
+        with store.status_on_error(state["audit_id"]):
             runner = AuditRunner(spec, chosen, store, state["audit_id"],
                                  AuditInputs(loaded.classifier, test, loaded.externals,
                                              calibration=loaded.dataset.part("calibration")),
@@ -142,7 +124,7 @@ def findings(state: AuditState, config: RunnableConfig | None = None) -> dict[st
     from tools.runner import find_and_store_findings
 
     spec = _spec(state)
-    with Store(state["store_path"]) as store, _status_on_error(store, state["audit_id"]):
+    with Store(state["store_path"]) as store, store.status_on_error(state["audit_id"]):
         found = find_and_store_findings(store, state["audit_id"], spec)
     return {"findings": found, "log": _log(state, f"{len(found)} findings")}
 

@@ -444,3 +444,28 @@ def test_cli_summary_lists_the_reports_top_findings(audited):
     assert top_ids
     for finding_id in top_ids:
         assert finding_id in output
+
+
+def test_mitigate_names_report_folder_after_new_audit(audited, tmp_path, monkeypatch):
+    import tools.retrain
+
+    original = tools.retrain.policy_from_audit
+
+    def any_loss(store, audit_id, *args, **kwargs):
+        # The tiny model's losses are below the default minimum drop; train against any loss.
+        return original(store, audit_id, min_drop=0.0)
+
+    with Store(audited["store"]) as db:
+        if not any_loss(db, audited["audit_id"]).steps:
+            pytest.skip("the tiny model lost nothing under the reduced plan's shifts")
+    monkeypatch.setattr(tools.retrain, "policy_from_audit", any_loss)
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(app, ["mitigate", audited["audit_id"], "--epochs", "1",
+                                      "--store", str(audited["store"])])
+
+    assert result.exit_code == 0, result.output
+    with Store(audited["store"]) as db:
+        new = [a for a in db.list_audits() if a["meta"].get("mitigation_of") == audited["audit_id"]]
+        assert db.audit(new[-1]["id"])["status"] == "finished"
+    assert (tmp_path / "audits" / new[-1]["id"] / "report.html").is_file()

@@ -123,6 +123,8 @@ class AugmentRetrainInput(BaseModel):
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
     min_drop: float | None = None
+    # Reserved by the caller so that out_dir can be named after the new audit before it exists.
+    new_audit_id: str | None = None
 
 
 class ConditionRecovery(BaseModel):
@@ -288,10 +290,12 @@ def augment_and_retrain(request: AugmentRetrainInput, progress: Progress | None 
     with Store(request.store) as store:
         new_id = store.create_audit(
             "image", json.loads(new_spec.model_dump_json()), plan.model_dump(mode="json"),
-            meta={**audit["meta"], "mitigation_of": request.audit_id})
-        AuditRunner(new_spec, plan, store, new_id, AuditInputs(new_classifier, test, {}),
-                    progress=progress).run()
-        find_and_store_findings(store, new_id, new_spec)
+            meta={**audit["meta"], "mitigation_of": request.audit_id},
+            audit_id=request.new_audit_id)
+        with store.status_on_error(new_id):
+            AuditRunner(new_spec, plan, store, new_id, AuditInputs(new_classifier, test, {}),
+                        progress=progress).run()
+            find_and_store_findings(store, new_id, new_spec)
         rows, overall, clean_before, clean_after = recovery_table(
             store, request.audit_id, new_id, policy.metric)
         result = AugmentRetrainOutput(

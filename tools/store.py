@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,6 +119,11 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def new_audit_id() -> str:
+    """Return a fresh audit id: the UTC creation time and six random hex digits."""
+    return f"{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, default=_json_default)
 
@@ -203,7 +210,7 @@ class Store:
     def create_audit(self, kind: str, spec: dict | None, plan: dict | None, meta: dict | None = None,
                      audit_id: str | None = None) -> str:
         """Insert a new audit with status "running" and return its id."""
-        audit_id = audit_id or f"{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        audit_id = audit_id or new_audit_id()
         self.con.execute(
             "INSERT INTO audits VALUES (?, ?, NULL, ?, 'running', ?, ?, ?)",
             [audit_id, _now(), kind, _json(spec), _json(plan), _json(meta or {})],
@@ -232,6 +239,21 @@ class Store:
     def require_audit(self, audit_id: str) -> None:
         if not self.has_audit(audit_id):
             raise StoreError(f"audit {audit_id} not found in {self.path}; `clinaudit runs` lists them")
+
+    @contextmanager
+    def status_on_error(self, audit_id: str) -> Iterator[None]:
+        """Mark the audit "failed" (or "interrupted" on Ctrl-C) when the block raises, then re-raise.
+
+        Without this an audit that stopped half-way would stay "running", and its partial
+        results could be read as if it had finished.
+        """
+        try:
+            yield
+        except BaseException as error:
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            self.update_audit(audit_id, status=status, meta={"error": message})
+            raise
 
     def require_finished(self, audit_id: str) -> None:
         """Raise StoreError unless the audit finished, so partial results are never read as whole."""
