@@ -156,5 +156,20 @@ def test_finding_summary_names_reweighted_set_without_key():
 
     assert "reweight:" not in summary
     assert summary == (
-        "ECE rose from 0.700 to 0.780 under the test set re-weighted by dataset (equal dataset) "
-        "(0.080 higher, 95 % interval 0.050 to 0.110 higher; against the rest of the test set).")
+        "ECE was 0.780 for the test set re-weighted by dataset (equal dataset), against 0.700 for "
+        "the clean test images (0.080 higher, 95 % interval 0.050 to 0.110 higher).")
+
+
+def test_subgroup_finding_compares_with_the_rest():
+    conditions = {"subgroup:sex:male": {"key": "subgroup:sex:male", "kind": "subgroup",
+                                        "name": "male", "params": {"column": "sex",
+                                                                   "value": "male"},
+                                        "too_small": False}}
+    row = diff("subgroup:sex:male", "balanced_accuracy", -0.273, -0.35, -0.2, 0.001)
+    row.update(paired=False, reference="rest", reference_value=0.495, condition_value=0.222)
+
+    summary = detect_findings([row], conditions, info, 0.05, 0.05)[0]["summary"]
+
+    assert "fell" not in summary
+    assert summary.startswith("Balanced accuracy was 0.222 for ")
+    assert "against 0.495 for the rest of the test set (0.273 lower" in summary

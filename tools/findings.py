@@ -110,12 +110,21 @@ def detect_findings(
         where = _describe_condition(condition)
         verb = "fell" if row["delta"] < 0 else "rose"
         direction = "lower" if row["delta"] < 0 else "higher"
-        summary = (
-            f"{display} {verb} from {_fmt(row.get('reference_value'))} to "
-            f"{_fmt(row.get('condition_value'))} under {where} ({effect:.3f} {direction}, "
-            f"95 % interval {low:.3f} to {high:.3f} {direction}; "
-            f"{'paired on the same images' if row.get('paired') else 'against the rest of the test set'})."
-        )
+        if row.get("paired"):
+            summary = (
+                f"{display} {verb} from {_fmt(row.get('reference_value'))} to "
+                f"{_fmt(row.get('condition_value'))} under {where} ({effect:.3f} {direction}, "
+                f"95 % interval {low:.3f} to {high:.3f} {direction}; paired on the same images)."
+            )
+        else:
+            # A subgroup is compared with the other images, not with itself before a change.
+            reference = ("the clean test images" if row.get("reference") in (None, "", "clean")
+                         else "the rest of the test set")
+            summary = (
+                f"{display} was {_fmt(row.get('condition_value'))} for {where}, against "
+                f"{_fmt(row.get('reference_value'))} for {reference} "
+                f"({effect:.3f} {direction}, 95 % interval {low:.3f} to {high:.3f} {direction})."
+            )
         findings.append({
             "kind": _FAMILY_KIND.get(family, "performance"),
             "condition": row["condition"],
