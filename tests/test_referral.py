@@ -43,7 +43,10 @@ def test_rule_that_breaks_under_shift_is_a_candidate():
     assert rows["shift:blur:5"]["referred"] == pytest.approx(0.0)
     assert rows["shift:blur:5"]["accepted_value"] == pytest.approx(0.60)
     assert [c["condition"] for c in candidates] == ["shift:blur:5"]
-    assert candidates[0]["effect"] == pytest.approx(0.35)
+    # The effect is the drop from the clean test images: 1.0 - 0.60.
+    assert candidates[0]["effect"] == pytest.approx(0.40)
+    assert candidates[0]["evidence"]["reference_value"] == pytest.approx(1.0)
+    assert candidates[0]["p_value"] < 1e-6
     assert "60 %" in report["sentence"]
     assert "10 %" in report["sentence"]
 
@@ -109,3 +112,23 @@ def test_calibration_names_population_conditions(key, phrase):
     from tools.calibration import describe_condition
 
     assert describe_condition(key) == phrase
+
+
+def test_no_referral_candidate_when_clean_accepts_nothing():
+    # On the calibration split only 5 very confident answers reach the target, so the rule
+    # accepts confidence 0.99 and above. No clean test image is that confident (all referred);
+    # a shift makes a few wrong answers that confident, which is not a drop from clean.
+    cal_probs, cal_labels = two_class(np.concatenate([np.full(5, 0.99), np.full(45, 0.7)]),
+                                      np.full(50, 0.7))
+    clean = two_class(np.full(50, 0.7), np.full(50, 0.7))
+    shifted = two_class(np.full(50, 0.7), np.concatenate([np.full(6, 0.995), np.full(44, 0.7)]))
+
+    report, candidates = referral_report(cal_probs, cal_labels,
+                                         {"clean": clean, "shift:blur:5": shifted}, target=0.95,
+                                         n_boot=200)
+
+    rows = {r["condition"]: r for r in report["rows"]}
+    assert report["threshold"] == pytest.approx(0.99)
+    assert rows["clean"]["accepted_value"] is None
+    assert rows["shift:blur:5"]["accepted_value"] == pytest.approx(0.0)
+    assert candidates == []

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tools.metrics.bootstrap import bootstrap_p_value
 from tools.metrics.failure import apply_referral, confidence_scores, referral_threshold
 
 # Points kept on each risk-coverage curve for the report.
@@ -57,7 +58,11 @@ def _accepted_value(confidence, hits, scope, threshold) -> float | None:
 def _accepted_interval(confidence, hits, scope, threshold, n_boot, seed
                        ) -> tuple[float | None, float | None, np.ndarray]:
     """Percentile interval of the accepted accuracy (or sensitivity) over bootstrap resamples
-    drawn as count weights."""
+    drawn as count weights, and the replicates (NaN where a resample accepts nothing).
+
+    The resamples depend only on the seed and the number of rows, so two conditions on the
+    same images (clean and a shift) get the same resamples, and their replicates are paired.
+    """
     n = len(hits)
     if threshold is None or n_boot == 0:
         return None, None, np.array([])
@@ -68,10 +73,10 @@ def _accepted_interval(confidence, hits, scope, threshold, n_boot, seed
     right = counts @ (keep * hits)
     with np.errstate(invalid="ignore", divide="ignore"):
         replicates = np.where(accepted > 0, right / accepted, np.nan)
-    replicates = replicates[np.isfinite(replicates)]
-    if replicates.size == 0:
+    finite = replicates[np.isfinite(replicates)]
+    if finite.size == 0:
         return None, None, replicates
-    low, high = np.percentile(replicates, [2.5, 97.5])
+    low, high = np.percentile(finite, [2.5, 97.5])
     return float(low), float(high), replicates
 
 
@@ -122,8 +127,12 @@ def referral_report(calibration_probs: np.ndarray, calibration_labels: np.ndarra
     class `positive` (the accepted positive cases that the model calls positive).
 
     Returns the report section (target, threshold, one row per condition, risk-coverage curves,
-    a plain sentence) and the candidate findings where the accepted value falls below the
-    target (effect = target − accepted value; one-sided bootstrap p-value, doubled).
+    a plain sentence) and the candidate findings: conditions where the accepted value is
+    clearly below the target and below its value on the clean test images. As for every other
+    finding, the effect is the drop from clean (clean accepted value − accepted value), with a
+    bootstrap interval (paired for shifts) and the p-value of ``bootstrap_p_value``. When no
+    prediction is accepted on the clean test images, the rule already refers every case and
+    no candidate is formed.
     """
     if metric not in ("accuracy", "sensitivity"):
         raise ValueError(f"referral metric {metric!r} is invalid: use accuracy or sensitivity")
@@ -138,7 +147,7 @@ def referral_report(calibration_probs: np.ndarray, calibration_labels: np.ndarra
     in_scope = cal_scope > 0
     rule = referral_threshold(cal_confidence[in_scope], cal_hits[in_scope], target)
 
-    rows, candidates, curves = [], [], {}
+    rows, candidates, curves, replicates_of = [], [], {}, {}
     for key, (probs, labels) in conditions.items():
         confidence = confidence_scores(probs, score)
         correct = (probs.argmax(axis=1) == labels).astype(float)
@@ -152,23 +161,39 @@ def referral_report(calibration_probs: np.ndarray, calibration_labels: np.ndarra
                      "low": low, "high": high, "n": len(labels),
                      "meets_target": None if value is None else bool(value >= target)})
         curves[key] = risk_coverage_curve(confidence, correct)
-        if value is not None and high is not None and high < target and key != "clean":
-            p_value = min(1.0, 2 * (np.sum(replicates >= target) + 1) / (replicates.size + 1))
-            candidates.append({
-                "kind": "failure_detection", "condition": key, "metric": f"referral_{metric}",
-                "effect": float(target - value), "low": float(target - high),
-                "high": float(target - low), "p_value": float(p_value),
-                "summary": (f"The referral rule learned in distribution (refer below confidence "
-                            f"{rule.threshold:.2f}) keeps accepted predictions at only "
-                            f"{value:.0%} {what} under {_describe(key)} (95 % interval {low:.0%} to "
-                            f"{high:.0%}; target {target:.0%}); {applied.referred_share:.0%} "
-                            "referred."),
-                "evidence": {"threshold": rule.threshold, "target": target,
-                             "target_metric": metric, "accepted_value": value,
-                             "referred": applied.referred_share},
-            })
+        replicates_of[key] = replicates
 
     by_key = {row["condition"]: row for row in rows}
+    clean_row = by_key.get("clean")
+    clean_value = clean_row["accepted_value"] if clean_row else None
+    for row in rows:
+        key, value, high = row["condition"], row["accepted_value"], row["high"]
+        # Only shifts are judged: they keep the clean images, so the drop is paired.
+        if (clean_value is None or not key.startswith("shift:") or value is None or high is None
+                or not high < target):
+            continue
+        drops = replicates_of["clean"] - replicates_of[key]
+        finite = drops[np.isfinite(drops)]
+        if finite.size == 0:
+            continue
+        drop_low, drop_high = (float(v) for v in np.percentile(finite, [2.5, 97.5]))
+        if not drop_low > 0:
+            continue
+        candidates.append({
+            "kind": "failure_detection", "condition": key, "metric": f"referral_{metric}",
+            "effect": float(clean_value - value), "low": drop_low, "high": drop_high,
+            "p_value": bootstrap_p_value(drops, clean_value - value),
+            "summary": (f"The referral rule learned in distribution (refer below confidence "
+                        f"{rule.threshold:.2f}) keeps accepted predictions at {_percent(value)} "
+                        f"{what} under {_describe(key)}, against {_percent(clean_value)} on the "
+                        f"clean test images (target {_percent(target)}); "
+                        f"{_percent(row['referred'])} referred."),
+            "evidence": {"threshold": rule.threshold, "target": target,
+                         "target_metric": metric, "accepted_value": value,
+                         "referred": row["referred"], "reference": "clean",
+                         "reference_value": clean_value, "condition_value": value},
+        })
+
     shifted = [r for r in rows if r["condition"] != "clean" and r["accepted_value"] is not None
                and not r["condition"].startswith(("subgroup:", "site:"))]
     worst = sorted(shifted, key=lambda r: r["accepted_value"])
