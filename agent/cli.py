@@ -210,17 +210,15 @@ def _override_audit(audit, options: dict):
 
 def check_gates(store_file: Path, audit_id: str, gates) -> None:
     """Print the spec's gate results for a finished audit; exit 1 when one fails."""
-    from tools.gates import evaluate_gates
-    from tools.metrics import REGISTRY
+    from agent.graph import gate_outcome
     from tools.store import Store
 
     with Store(store_file) as store:
-        failures = evaluate_gates(gates, store.results(audit_id), store.differences(audit_id),
-                                  {k: v.higher_is_better for k, v in REGISTRY.items()})
+        failures = gate_outcome(store, audit_id, gates)["failures"]
     if failures:
         console.print(f"[bold red]{len(failures)} gate check(s) failed:[/]")
         for failure in failures:
-            console.print(f"  - {failure['message']}", highlight=False)
+            console.print(f"  - {failure}", highlight=False)
         raise typer.Exit(1)
     console.print(f"[green]All {len(gates)} gates passed.[/]")
 
@@ -482,7 +480,12 @@ def review(
             raise StoreError(f"--verdict {verdict!r} is invalid: use approve, changes or reject")
         with Store(store_path(store)) as db:
             review_id = db.add_review(audit_id, reviewer, verdict, comment, finding)
+            gates = db.artifact(audit_id, "gates") or {}
     console.print(f"Review {review_id} stored for audit {audit_id}.")
+    if verdict == "approve" and gates.get("failures"):
+        err_console.print(f"[bold yellow]note:[/] audit {audit_id} failed "
+                          f"{len(gates['failures'])} of its {gates['checked']} gate checks; the "
+                          "approval is recorded next to them in the report.", highlight=False)
 
 
 @app.command()

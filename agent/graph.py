@@ -144,12 +144,25 @@ def report(state: AuditState, config: RunnableConfig | None = None) -> dict[str,
             narrative = planner.narrate(aggregate_summary(store, state["audit_id"]))
         if narrative is not None:
             store.save_artifact(state["audit_id"], "narrative", narrative)
+        if spec.gates:
+            store.save_artifact(state["audit_id"], "gates",
+                                gate_outcome(store, state["audit_id"], spec.gates))
         # Finished before rendering, so the report states the audit's final status.
         store.update_audit(state["audit_id"], status="finished")
         paths = write_audit_report(store, state["audit_id"], out_dir, narrative=narrative,
                                    include_images=spec.report.include_images)
     return {"report_paths": {k: str(v) for k, v in paths.items()}, "narrative": narrative,
             "log": _log(state, f"report written to {out_dir}")}
+
+
+def gate_outcome(store: Store, audit_id: str, gates) -> dict[str, Any]:
+    """Evaluate the spec's gates on the stored results; return the count and the failures."""
+    from tools.gates import evaluate_gates
+    from tools.metrics import REGISTRY
+
+    failures = evaluate_gates(gates, store.results(audit_id), store.differences(audit_id),
+                              {k: v.higher_is_better for k, v in REGISTRY.items()})
+    return {"checked": len(gates), "failures": [f["message"] for f in failures]}
 
 
 def _after_plan(state: AuditState) -> str:

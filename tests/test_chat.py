@@ -441,6 +441,17 @@ def test_run_failed_gates_exit_1_and_are_listed(tmp_path, data_folder, tiny_mode
     assert "below 0.999" in result.output
     # auroc is not in the plan, so its gate cannot be checked and must fail.
     assert "cannot pass unchecked" in result.output
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "- **Gates of the spec: 2 of 3 failed:**" in markdown
+    assert "below 0.999" in markdown
+
+    with Store(tmp_path / "a.duckdb") as db:
+        audit_id = db.list_audits()[-1]["id"]
+    review = CliRunner().invoke(cli_app, ["review", audit_id, "--reviewer", "Dr A",
+                                          "--verdict", "approve",
+                                          "--store", str(tmp_path / "a.duckdb")])
+    assert review.exit_code == 0
+    assert f"note: audit {audit_id} failed 2 of its 3 gate checks" in " ".join(review.output.split())
 
 
 def test_run_passing_gates_exit_0(tmp_path, data_folder, tiny_model):
@@ -449,6 +460,7 @@ def test_run_passing_gates_exit_0(tmp_path, data_folder, tiny_model):
     result = invoke_run(tmp_path, write_run_spec(tmp_path, data_folder, tiny_model, gates))
     assert result.exit_code == 0, result.output
     assert "All 2 gates passed" in result.output
+    assert "- **Gates of the spec:** all 2 passed" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_run_bad_input_exits_2(tmp_path, data_folder, tiny_model):

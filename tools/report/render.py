@@ -444,6 +444,7 @@ def build_view(data: dict) -> dict:
                                           "data_hash")),
         "verdict": verdict_view(data, lookup),
         "min_class_rows": _min_class_rows(),
+        "gates": data.get("gates"),
         "top_findings": top,
         "more_findings": len(findings) - len(top),
         "all_findings": findings,
