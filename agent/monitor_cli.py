@@ -79,7 +79,8 @@ def monitor(
     score: str = typer.Option("max_confidence", help="ATC score: max_confidence or "
                               "negative_entropy."),
     recalibration: str = typer.Option("vector", help="Recalibration fitted on the calibration "
-                                      "split before estimating: vector or temperature."),
+                                      "split before estimating: vector, temperature or platt "
+                                      "(binary models only)."),
     device: str | None = typer.Option(None, help="auto, cpu or cuda (default: the audit's)."),
     batch_size: int | None = typer.Option(None, help="Images per forward pass "
                                              "(default: the audit's)."),
@@ -98,6 +99,10 @@ def monitor(
     from tools.store import Store, StoreError
 
     with bad_input_exits(), _monitor_errors():
+        # Checked first, because loading the audit's data and the batch takes seconds to minutes.
+        _check_estimator_options(score, recalibration)
+        options = _threshold_options(max_accuracy_drop, max_balanced_accuracy_drop, max_drift_p)
+
         if not store_path(store).is_file():
             # Opening a missing store would create an empty one, with no audit to compare with.
             raise StoreError(f"store not found: {store_path(store)}; pass --store or set "
@@ -106,8 +111,7 @@ def monitor(
             db.require_audit(audit)
             raw_spec = db.audit(audit)["spec"] or {}
             spec = load_audit_spec(db, audit)
-            thresholds = _thresholds(MonitorThresholds, raw_spec, max_accuracy_drop,
-                                     max_balanced_accuracy_drop, max_drift_p)
+            thresholds = _thresholds(MonitorThresholds, raw_spec, options)
             classifier = load_classifier_for(spec, device)
             batch = load_batch(data, classifier.input_size,
                                greyscale_model=getattr(classifier, "in_chans", 3) == 1,
@@ -151,8 +155,46 @@ def monitor(
         console.print(ALERTS_NOT_CHECKED, highlight=False)
 
 
-def _thresholds(model, raw_spec: dict[str, Any], max_accuracy_drop, max_balanced_accuracy_drop,
-                max_drift_p):
+def _check_estimator_options(score: str, recalibration: str) -> None:
+    """Raise MonitorError naming the option when --score or --recalibration is not a known value."""
+    from tools.calibration import SCALERS
+    from tools.monitor import SCORES, MonitorError
+
+    for option, value, choices in (("--score", score, SCORES),
+                                   ("--recalibration", recalibration, sorted(SCALERS))):
+        if value not in choices:
+            raise MonitorError(f"{option} {value!r} is invalid: use one of {', '.join(choices)}")
+
+
+# Accepted range of each threshold option, as MonitorThresholds enforces it.
+THRESHOLD_RANGES = {
+    "max_accuracy_drop": "a fraction from 0 to 1",
+    "max_balanced_accuracy_drop": "a fraction from 0 to 1",
+    "max_drift_p": "a value above 0 and below 1",
+}
+
+
+def _threshold_options(max_accuracy_drop: float | None, max_balanced_accuracy_drop: float | None,
+                       max_drift_p: float | None) -> dict[str, float]:
+    """Validate the threshold options one by one and return those that are set, by field name."""
+    from pydantic import ValidationError
+
+    from tools.monitor import MonitorError, MonitorThresholds
+
+    options = {"max_accuracy_drop": max_accuracy_drop,
+               "max_balanced_accuracy_drop": max_balanced_accuracy_drop,
+               "max_drift_p": max_drift_p}
+    set_options = {key: value for key, value in options.items() if value is not None}
+    for key, value in set_options.items():
+        try:
+            MonitorThresholds.model_validate({key: value})
+        except ValidationError:
+            option = "--" + key.replace("_", "-")
+            raise MonitorError(f"{option} {value:g} is invalid: use {THRESHOLD_RANGES[key]}") from None
+    return set_options
+
+
+def _thresholds(model, raw_spec: dict[str, Any], options: dict[str, float]):
     """Merge the spec's `monitor` section (when the spec has one) with the command line."""
     from pydantic import ValidationError
 
@@ -160,10 +202,7 @@ def _thresholds(model, raw_spec: dict[str, Any], max_accuracy_drop, max_balanced
     from tools.spec import format_validation_error
 
     merged = dict(raw_spec.get("monitor") or {})
-    options = {"max_accuracy_drop": max_accuracy_drop,
-               "max_balanced_accuracy_drop": max_balanced_accuracy_drop,
-               "max_drift_p": max_drift_p}
-    merged.update({key: value for key, value in options.items() if value is not None})
+    merged.update(options)
     try:
         return model.model_validate(merged)
     except ValidationError as error:
@@ -180,6 +219,37 @@ def _interval(entry: dict[str, Any]) -> str:
     return f"{_value(entry['value'])} ({_value(entry['low'])} to {_value(entry['high'])})"
 
 
+ESTIMATE_NAMES = {
+    "accuracy_atc": "ATC accuracy",
+    "balanced_accuracy_atc": "ATC balanced accuracy",
+    "accuracy_confidence": "mean-confidence accuracy",
+    "balanced_accuracy_confidence": "mean-confidence balanced accuracy",
+}
+
+
+def degenerate_notes(record: dict[str, Any]) -> list[str]:
+    """Return one warning per estimate whose bootstrap interval has collapsed to a point.
+
+    Every bootstrap replicate then gave the same value, most often because no batch image (or
+    every one) scores above the ATC threshold, so the interval carries no information about the error.
+    """
+    estimator = record["estimator"]
+    n = record["batch"]["n"]
+    notes = []
+    for key, name in ESTIMATE_NAMES.items():
+        entry = record["performance"][key]
+        if entry["low"] is None or entry["low"] != entry["high"]:
+            continue
+        reason = "every bootstrap replicate gave the same value"
+        above = estimator.get("atc_images_above")
+        if key.endswith("_atc") and above in (0, n):
+            reason = (f"{above} of {n} batch images score above the ATC threshold "
+                      f"{estimator['atc_threshold']:.3g}")
+        notes.append(f"the {name} estimate {_value(entry['value'])} has a zero-width interval "
+                     f"because {reason}; the estimate is degenerate and should not be trusted.")
+    return notes
+
+
 def print_record(record: dict[str, Any]) -> None:
     """Print a monitoring record as tables."""
     from rich.table import Table
@@ -189,16 +259,24 @@ def print_record(record: dict[str, Any]) -> None:
 
     performance = record["performance"]
     clean = record["audited_clean"]
+    estimator = record["estimator"]
+    recalibration = estimator["recalibration"]["kind"]
     table = Table(title="Estimated performance without labels (95 % bootstrap interval)")
-    for column in ("metric", "audited clean", "ATC estimate", "mean-confidence estimate"):
+    for column in ("metric", "audited clean", f"ATC estimate ({recalibration}-recalibrated "
+                   f"{estimator['atc_score']})",
+                   f"mean-confidence estimate ({recalibration}-recalibrated)"):
         table.add_column(column)
     for metric in ("accuracy", "balanced_accuracy"):
         table.add_row(metric, _value(clean.get(metric)), _interval(performance[f"{metric}_atc"]),
                       _interval(performance[f"{metric}_confidence"]))
     console.print(table)
-    console.print("ATC (average thresholded confidence) estimates accuracy as the share of batch "
-                  "images whose confidence is above a threshold set on the calibration split, "
+    console.print(f"Both estimates use the batch's probabilities after {recalibration} "
+                  "recalibration fitted on the calibration split. ATC (average thresholded "
+                  f"confidence) estimates accuracy as the share of batch images whose "
+                  f"{estimator['atc_score']} is above a threshold set on the calibration split, "
                   "where that share equals the accuracy.", highlight=False)
+    for note in degenerate_notes(record):
+        console.print(f"[bold yellow]note:[/] {note}", highlight=False)
 
     table = Table(title="Input drift against the clean test images")
     for column in ("statistic", "clean mean", "batch mean", "std. mean difference", "KS D",
@@ -211,7 +289,7 @@ def print_record(record: dict[str, Any]) -> None:
     console.print(table)
 
     output = record["output_drift"]
-    console.print(f"Confidence: mean {_value(output['confidence']['reference_mean'])} on clean, "
+    console.print(f"Raw confidence (top-class probability before recalibration): mean {_value(output['confidence']['reference_mean'])} on clean, "
                   f"{_value(output['confidence']['batch_mean'])} on the batch "
                   f"(KS D {_value(output['confidence']['ks_statistic'], 2)}, "
                   f"p = {output['confidence']['p_value']:.2g}). Predicted class mix: "

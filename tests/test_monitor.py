@@ -215,6 +215,46 @@ def test_estimate_batch_intervals_contain_point():
     assert all(lo <= v <= hi for lo, v, hi in zip(em["low"], em["value"], em["high"]))
 
 
+def test_degenerate_atc_estimate_gets_note():
+    from agent.monitor_cli import degenerate_notes
+
+    cal_probs, cal_labels = calibrated_setup(SOURCE_PRIOR, 2000, 6)
+    batch_probs, _ = calibrated_setup(SOURCE_PRIOR, 40, 7)
+    estimator = fit_estimator(cal_probs, cal_labels)
+    # No probability exceeds 1, so no batch image can pass this threshold.
+    estimator.threshold = 1.5
+    result = estimate_batch(estimator, batch_probs, n_boot=20, seed=0)
+    assert result["atc_images_above"] == 0
+    assert result["performance"]["accuracy_atc"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+
+    record = {"batch": {"n": 40}, "performance": result["performance"],
+              "estimator": {key: result[key] for key in ("atc_threshold", "atc_images_above")}}
+    notes = degenerate_notes(record)
+    assert notes[0] == ("the ATC accuracy estimate 0.000 has a zero-width interval because 0 of 40 "
+                        "batch images score above the ATC threshold 1.5; the estimate is "
+                        "degenerate and should not be trusted.")
+    assert notes[1].startswith("the ATC balanced accuracy estimate 0.000 has a zero-width interval "
+                               "because 0 of 40 batch images")
+    # The mean-confidence estimates vary across replicates, so they get no note.
+    assert len(notes) == 2
+
+
+def test_degenerate_notes_skip_intervals_with_width():
+    from agent.monitor_cli import degenerate_notes
+
+    entry = {"value": 0.5, "low": 0.4, "high": 0.6}
+    no_bootstrap = {"value": 0.5, "low": None, "high": None}
+    record = {"batch": {"n": 10}, "estimator": {"atc_threshold": 0.9, "atc_images_above": 5},
+              "performance": {"accuracy_atc": entry, "balanced_accuracy_atc": no_bootstrap,
+                              "accuracy_confidence": entry,
+                              "balanced_accuracy_confidence": {"value": 0.7, "low": 0.7,
+                                                               "high": 0.7}}}
+    assert degenerate_notes(record) == [
+        "the mean-confidence balanced accuracy estimate 0.700 has a zero-width interval because "
+        "every bootstrap replicate gave the same value; the estimate is degenerate and should "
+        "not be trusted."]
+
+
 def test_load_batch_rejects_colour_for_greyscale_model(tmp_path):
     from PIL import Image
 
@@ -320,6 +360,38 @@ def test_nearest_condition_picks_matching_shift():
     result = nearest_condition(profiles, batch)
     assert result["condition"] == "shift:gaussian_noise:3"
     assert [row["condition"] for row in result["ranking"]][-1] == "shift:brightness:3"
+
+
+def test_nearest_condition_prefers_clean_on_tie():
+    rng = np.random.default_rng(0)
+    clean = {"brightness": rng.normal(0.5, 0.05, 200), "confidence": rng.uniform(0.5, 1.0, 200)}
+    # A hue shift leaves grey-scale images unchanged, so its profile equals clean's.
+    profiles = {"shift:hue:1": {name: values.copy() for name, values in clean.items()},
+                "clean": clean,
+                "shift:brightness:3": {"brightness": clean["brightness"] + 0.2,
+                                       "confidence": clean["confidence"]}}
+    batch = {"brightness": rng.normal(0.52, 0.05, 100), "confidence": rng.uniform(0.5, 1.0, 100)}
+    result = nearest_condition(profiles, batch)
+    ranked = [row["condition"] for row in result["ranking"]]
+    assert ranked == ["clean", "shift:hue:1", "shift:brightness:3"]
+    assert result["condition"] == "clean"
+
+
+@pytest.mark.parametrize(("shift_distance", "expected_first"), [
+    (0.13, "clean"),  # exact tie
+    (0.13 - 1e-10, "clean"),  # within 1e-9 absolute
+    (0.13 * (1 - 1e-7), "clean"),  # within 1e-6 relative
+    (0.129, "shift:hue:1"),  # a real difference in the third digit
+])
+def test_nearest_tie_tolerance(shift_distance, expected_first):
+    from tools.monitor import _rank_reference_first_on_ties
+
+    ranking = [{"condition": "shift:hue:1", "distance": shift_distance},
+               {"condition": "clean", "distance": 0.13},
+               {"condition": "shift:blur:2", "distance": 0.5}]
+    _rank_reference_first_on_ties(ranking, "clean")
+    assert ranking[0]["condition"] == expected_first
+    assert ranking[2]["condition"] == "shift:blur:2"
 
 
 def test_check_alerts_on_accuracy_drop_and_drift():
@@ -591,6 +663,44 @@ def test_monitor_bad_input_exits_2(tiny_audit, case):
         assert not store.exists()
 
 
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--recalibration", "temp",
+     "error: --recalibration 'temp' is invalid: use one of platt, temperature, vector"),
+    ("--score", "max_conf",
+     "error: --score 'max_conf' is invalid: use one of max_confidence, negative_entropy"),
+    ("--max-drift-p", "1.5", "error: --max-drift-p 1.5 is invalid: use a value above 0 and below 1"),
+    ("--max-drift-p", "0", "error: --max-drift-p 0 is invalid: use a value above 0 and below 1"),
+    ("--max-accuracy-drop", "-0.1",
+     "error: --max-accuracy-drop -0.1 is invalid: use a fraction from 0 to 1"),
+    ("--max-balanced-accuracy-drop", "2",
+     "error: --max-balanced-accuracy-drop 2 is invalid: use a fraction from 0 to 1"),
+])
+def test_monitor_rejects_option_before_loading(tmp_path, option, value, expected):
+    from typer.testing import CliRunner
+
+    # Neither the store nor the batch exists: an error about them would mean loading started.
+    store = tmp_path / "missing.duckdb"
+    result = CliRunner().invoke(monitor_app(), ["--audit", "a1", "--data", str(tmp_path / "none"),
+                                                "--store", str(store), option, value],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == expected
+    assert not store.exists()
+
+
+def test_monitor_help_lists_every_recalibration():
+    from typer.testing import CliRunner
+
+    from tools.calibration import SCALERS
+
+    result = CliRunner().invoke(monitor_app(), ["--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    own_help = flattened(result.output).split("--recalibration", 1)[1].split(" --", 1)[0]
+    assert "vector, temperature or platt (binary models only)" in own_help
+    for kind in SCALERS:
+        assert kind in own_help, kind
+
+
 def flattened(output: str) -> str:
     """Join rich's wrapped lines and table borders into one line of single-spaced words."""
     return " ".join(output.replace("│", " ").split())
@@ -611,6 +721,12 @@ def test_monitor_states_whether_alerts_checked(tiny_audit, ham_dir):
             "a spec whose monitor: section sets max_accuracy_drop, max_balanced_accuracy_drop "
             "or max_drift_p.") in text
     assert "No alerts" not in text
+    assert ("Both estimates use the batch's probabilities after vector recalibration fitted on "
+            "the calibration split.") in text
+    assert "Raw confidence (top-class probability before recalibration): mean" in text
+    record = json.loads(next((folder / "m_unchecked").glob("monitor-*.json")).read_text())
+    assert record["estimator"]["recalibration"]["kind"] == "vector"
+    assert 0 <= record["estimator"]["atc_images_above"] <= 40
 
     # A drop can never exceed 1 and no p-value is below 1e-300, so both checks run and pass.
     checked = CliRunner().invoke(monitor_app(), [*args, "--out", str(folder / "m_checked"),

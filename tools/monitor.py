@@ -62,6 +62,16 @@ DISTANCE_GROUPS = {
 # images, whereas subgroup and prevalence conditions only select clean images by patient or label.
 NEAREST_KINDS = ("clean", "shift", "site", "external")
 
+# Two conditions whose distances to the batch differ by less than this (relative to the larger,
+# or 1e-9 absolute near zero) count as equally near, and clean then ranks first. Distances are
+# means of a few float64 ratios, so the same profiles reached by different arithmetic differ far
+# less than 1e-6, while a real difference shows in the second or third digit.
+NEAREST_TIE_RELATIVE = 1e-6
+NEAREST_TIE_ABSOLUTE = 1e-9
+
+# Scores the ATC threshold can be learned on; see `confidence_scores`.
+SCORES = ("max_confidence", "negative_entropy")
+
 
 class MonitorError(ValueError):
     """A batch, audit or setting the monitor cannot use; the message names the file or value."""
@@ -471,7 +481,7 @@ def confidence_scores(probs: np.ndarray, score: str = "max_confidence",
     if score == "negative_entropy":
         logs = np.log(np.clip(probs, 1e-300, None))
         return (probs * logs).sum(axis=1)
-    raise MonitorError(f"score {score!r} is invalid; use max_confidence or negative_entropy")
+    raise MonitorError(f"score {score!r} is invalid; use one of {', '.join(SCORES)}")
 
 
 def atc_threshold(scores: np.ndarray, correct: np.ndarray) -> float:
@@ -579,7 +589,11 @@ def fit_estimator(calibration_probs: np.ndarray, calibration_labels: np.ndarray,
         scaler = make_scaler(recalibration)
     except CalibrationError as error:
         raise MonitorError(f"recalibration {recalibration!r} is invalid ({error})") from None
-    scaler.fit(np.log(np.clip(probs, 1e-300, None)), labels)
+    try:
+        scaler.fit(np.log(np.clip(probs, 1e-300, None)), labels)
+    except CalibrationError as error:
+        raise MonitorError(f"recalibration {recalibration!r} failed to fit on the calibration "
+                           f"split ({error})") from None
     estimator = LabelFreeEstimator(scaler, 0.0, score, np.bincount(labels, minlength=k) / len(labels),
                                    probs, labels)
     # Accuracy is that of the model's own predictions, which recalibration must not change.
@@ -624,6 +638,7 @@ def estimate_batch(estimator: LabelFreeEstimator, batch_probs: np.ndarray, n_boo
 
     n = len(batch_probs)
     point, point_prevalence = estimates(np.arange(n))
+    above = confidence_scores(recalibrated, estimator.score, predicted) > estimator.threshold
 
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {name: [] for name in point}
@@ -649,7 +664,7 @@ def estimate_batch(estimator: LabelFreeEstimator, batch_probs: np.ndarray, n_boo
         prevalence[name] = entry
     return {"performance": performance, "prevalence": prevalence,
             "recalibration": estimator.scaler.to_dict(), "atc_threshold": estimator.threshold,
-            "atc_score": estimator.score, "n_boot": n_boot}
+            "atc_score": estimator.score, "atc_images_above": int(above.sum()), "n_boot": n_boot}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,7 +704,8 @@ def nearest_condition(profiles: dict[str, dict[str, np.ndarray]], batch: dict[st
     """Rank audited conditions by `profile_distance` to the batch; the first is the nearest.
 
     `profiles` maps condition keys to their statistics and confidences; the scale of each
-    statistic is its standard deviation under `reference`.
+    statistic is its standard deviation under `reference`. A condition tied with `reference`
+    (see `NEAREST_TIE_RELATIVE`) ranks after it.
     """
     if reference not in profiles:
         raise MonitorError(f"the reference condition {reference!r} has no profile")
@@ -700,11 +716,27 @@ def nearest_condition(profiles: dict[str, dict[str, np.ndarray]], batch: dict[st
         parts = profile_distance(profile, batch, scale)
         ranking.append({"condition": key, **parts})
     ranking.sort(key=lambda row: (not math.isfinite(row["distance"]), row["distance"]))
+    _rank_reference_first_on_ties(ranking, reference)
     return {"condition": ranking[0]["condition"], "distance": ranking[0]["distance"],
             "ranking": ranking,
             "method": "mean over groups (brightness, contrast, sharpness, colour, noise, "
                       "confidence) of the 1-Wasserstein distance divided by the clean test "
                       "set's standard deviation"}
+
+
+def _rank_reference_first_on_ties(ranking: list[dict[str, Any]], reference: str) -> None:
+    """Move `reference` in the sorted `ranking` ahead of the conditions tied with it."""
+    position = next(i for i, row in enumerate(ranking) if row["condition"] == reference)
+    row = ranking[position]
+    if not math.isfinite(row["distance"]):
+        return
+
+    first_tied = position
+    while first_tied > 0 and math.isclose(ranking[first_tied - 1]["distance"], row["distance"],
+                                          rel_tol=NEAREST_TIE_RELATIVE,
+                                          abs_tol=NEAREST_TIE_ABSOLUTE):
+        first_tied -= 1
+    ranking.insert(first_tied, ranking.pop(position))
 
 
 def measured_at(store, audit_id: str, key: str) -> list[dict[str, Any]]:
@@ -956,7 +988,7 @@ def monitor_batch(store, audit_id: str, batch: Batch, reference: AuditReference,
         "prevalence": estimates["prevalence"],
         "performance": estimates["performance"],
         "estimator": {key: estimates[key] for key in ("recalibration", "atc_threshold", "atc_score",
-                                                      "n_boot")},
+                                                      "atc_images_above", "n_boot")},
         "audited_clean": _audited_clean(store, audit_id),
         "nearest": nearest,
         "thresholds": (thresholds or MonitorThresholds()).model_dump(),
