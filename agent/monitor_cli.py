@@ -262,8 +262,8 @@ def print_record(record: dict[str, Any]) -> None:
     estimator = record["estimator"]
     recalibration = estimator["recalibration"]["kind"]
     table = Table(title="Estimated performance without labels (95 % bootstrap interval)")
-    for column in ("metric", "audited clean", f"ATC estimate ({recalibration}-recalibrated "
-                   f"{estimator['atc_score']})",
+    for column in ("metric", "audited clean", (f"ATC estimate ({recalibration}-recalibrated "
+                   f"{estimator['atc_score']})"),
                    f"mean-confidence estimate ({recalibration}-recalibrated)"):
         table.add_column(column)
     for metric in ("accuracy", "balanced_accuracy"):

@@ -250,9 +250,9 @@ def test_degenerate_notes_skip_intervals_with_width():
                               "balanced_accuracy_confidence": {"value": 0.7, "low": 0.7,
                                                                "high": 0.7}}}
     assert degenerate_notes(record) == [
-        "the mean-confidence balanced accuracy estimate 0.700 has a zero-width interval because "
+        ("the mean-confidence balanced accuracy estimate 0.700 has a zero-width interval because "
         "every bootstrap replicate gave the same value; the estimate is degenerate and should "
-        "not be trusted."]
+        "not be trusted.")]
 
 
 def test_load_batch_rejects_colour_for_greyscale_model(tmp_path):
