@@ -135,10 +135,16 @@ def run_graph(spec, spec_base: Path, store_file: Path, out: Path | None, planner
     from agent.graph import build_graph, initial_state
 
     graph = build_graph(checkpointer=checkpointer)
-    with ProgressBars() as bars:
-        config = {"configurable": {"planner": planner, "progress": bars, "ask": ask,
-                                   "confirm": confirm, "thread_id": thread_id or "audit"}}
-        state = graph.invoke(initial_state(spec, spec_base, store_file, out), config)
+    try:
+        with ProgressBars() as bars:
+            config = {"configurable": {"planner": planner, "progress": bars, "ask": ask,
+                                       "confirm": confirm, "thread_id": thread_id or "audit"}}
+            state = graph.invoke(initial_state(spec, spec_base, store_file, out), config)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted:[/] the audit is marked interrupted in "
+                          f"{store_file} (see `clinaudit runs`); run the command again to "
+                          "audit from the start.", highlight=False)
+        raise typer.Exit(130) from None
     return state
 
 

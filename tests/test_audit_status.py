@@ -74,3 +74,25 @@ def test_audit_left_running_is_not_reported(tmp_path):
 
     assert result.exit_code == 2
     assert "is still running or stopped without finishing" in result.output
+
+
+def test_ctrl_c_marks_audit_interrupted(tmp_path, ham_dir, small_ham_manifest, tiny_model,
+                                        monkeypatch):
+    from tools.runner import AuditRunner
+
+    def pressed_ctrl_c(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AuditRunner, "_shifts", pressed_ctrl_c)
+    spec = write_spec(tmp_path, ham_dir, small_ham_manifest, tiny_model, plan=SMALL_PLAN)
+    store = tmp_path / "audits.duckdb"
+
+    result = CliRunner().invoke(app, ["run", str(spec), "--store", str(store),
+                                      "--out", str(tmp_path / "report")])
+
+    assert result.exit_code == 130
+    assert "interrupted: the audit is marked interrupted" in " ".join(result.output.split())
+    with Store(store) as db:
+        audit = db.audit(db.list_audits()[-1]["id"])
+    assert audit["status"] == "interrupted"
+    assert audit["meta"]["error"] == "stopped by Ctrl-C"

@@ -250,8 +250,10 @@ class Store:
         try:
             yield
         except BaseException as error:
-            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-            message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            interrupted = isinstance(error, KeyboardInterrupt)
+            status = "interrupted" if interrupted else "failed"
+            message = ("stopped by Ctrl-C" if interrupted
+                       else f"{type(error).__name__}: {error}".splitlines()[0][:500])
             self.update_audit(audit_id, status=status, meta={"error": message})
             raise
 

@@ -54,6 +54,9 @@ def produce(memory_name: str, shape: tuple[int, ...], jobs: list[tuple[str, int]
                 batch = shift_rows(images[start:start + batch_size], name, severity, seed, start)
                 if not _put(queue, ("batch", name, severity, start, batch), stop):
                     return
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the whole process group: the parent reports it, the worker stops quietly.
+        queue.cancel_join_thread()
     except Exception as error:  # noqa: BLE001 - any failure goes back to the parent as one message
         _put(queue, ("error", f"{type(error).__name__}: {error}"), stop)
     finally:
