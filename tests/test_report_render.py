@@ -580,7 +580,7 @@ def test_verdict_explains_population_conditions():
 
     assert "class mix: classes re-sampled to equal prevalence" in verdict["held_up"]
     assert ("population mix: test set re-weighted so each dataset counts equally "
-            "(BA 0.180 lower)") in verdict["failed"]
+            "(BA 0.180 lower, red)") in verdict["failed"]
 
 
 def test_verdict_says_clear_drop_not_held_up(markdown, html):

@@ -683,7 +683,8 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
                 entry["small"].append(f"{label} (n={condition.get('n')})")
             elif key in by_condition:
                 worst = by_condition[key][0]
-                entry["bad"].append(f"{label} ({effect_words(worst, lookup)})")
+                entry["bad"].append(f"{label} ({effect_words(worst, lookup)}, "
+                                    f"{worst.get('light', 'amber')})")
             else:
                 entry["ok"].append(label)
 
@@ -694,7 +695,7 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
         if entry["bad"]:
             worst = next(f for f in findings if finding_family(f, lookup) == "shift:" + name)
             failed.append(f"{label}: severity {_severity_ranges(entry['bad'])} "
-                          f"(worst: {effect_words(worst, lookup)})")
+                          f"(worst: {effect_words(worst, lookup)}, {worst.get('light', 'amber')})")
     for column, entry in groups.items():
         if entry["ok"]:
             held_up.append(f"{column}: {', '.join(entry['ok'])}")
