@@ -105,13 +105,78 @@ def test_model_card_records_training(trained) -> None:
 
 def test_spec_fields_override_model_card(trained) -> None:
     _, path = trained
-    spec = ModelSpec(checkpoint=path, input_size=48, classes=["a", "b", "c"])
+    spec = ModelSpec(checkpoint=path, input_size=48, classes=CLASSES)
 
     loaded = load_classifier(spec, device="cpu")
 
     assert loaded.input_size == 48
-    assert loaded.classes == ["a", "b", "c"]
+    assert loaded.classes == CLASSES
     assert loaded.predict_proba(random_images(2, 48)).shape == (2, 3)
+
+
+def test_spec_class_order_must_match_model_card(trained) -> None:
+    _, path = trained
+    spec = ModelSpec(checkpoint=path, classes=["malignant", "benign", "unclear"])
+
+    with pytest.raises(ModelError) as error:
+        load_classifier(spec, device="cpu")
+
+    assert str(error.value) == (
+        "model.classes ['malignant', 'benign', 'unclear'] in the spec differs from classes "
+        f"['benign', 'malignant', 'unclear'] in model card {path.with_suffix('.json')}; remove "
+        "model.classes from the spec to use the card's list, or fix its order")
+
+
+def test_spec_class_names_must_match_model_card(trained) -> None:
+    _, path = trained
+    spec = ModelSpec(checkpoint=path, classes=["a", "b", "c"])
+
+    with pytest.raises(ModelError, match=r"model.classes \['a', 'b', 'c'\] in the spec differs"):
+        load_classifier(spec, device="cpu")
+
+
+def one_channel_checkpoint(folder: Path) -> Path:
+    from tools.models import create_network
+
+    path = folder / "gray.pt"
+    torch.save(create_network(ARCH, 2, in_chans=1).state_dict(), path)
+    return path
+
+
+def test_one_channel_model_gets_grayscale_normalization(tmp_path: Path) -> None:
+    path = one_channel_checkpoint(tmp_path)
+    spec = ModelSpec(checkpoint=path, classes=["normal", "pneumonia"], input_size=32, in_chans=1)
+
+    loaded = load_classifier(spec, device="cpu")
+
+    # The means of ImageNet's three channel means (0.485, 0.456, 0.406) and stds (0.229, 0.224, 0.225).
+    np.testing.assert_allclose(loaded.normalization["mean"], [0.449], atol=5e-4)
+    np.testing.assert_allclose(loaded.normalization["std"], [0.226], atol=5e-4)
+    assert loaded.predict_proba(random_images(3, 32)).shape == (3, 2)
+
+
+def test_one_channel_model_keeps_spec_normalization(tmp_path: Path) -> None:
+    path = one_channel_checkpoint(tmp_path)
+    spec = ModelSpec.model_validate({
+        "checkpoint": path, "classes": ["normal", "pneumonia"], "input_size": 32, "in_chans": 1,
+        "normalization": {"mean": [0.5]}})
+
+    loaded = load_classifier(spec, device="cpu")
+
+    assert loaded.normalization == {"mean": [0.5], "std": [0.226]}
+
+
+def test_normalization_length_names_spec_field(tmp_path: Path) -> None:
+    path = one_channel_checkpoint(tmp_path)
+    spec = ModelSpec.model_validate({
+        "checkpoint": path, "classes": ["normal", "pneumonia"], "input_size": 32, "in_chans": 1,
+        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25]}})
+
+    with pytest.raises(ModelError) as error:
+        load_classifier(spec, device="cpu")
+
+    assert str(error.value) == ("model.normalization in the spec: mean has 3 values, but the "
+                                "model has in_chans 1; give 1 value")
 
 
 def test_model_card_input_size_too_small(trained, tmp_path: Path) -> None:
@@ -128,7 +193,10 @@ def test_model_card_input_size_too_small(trained, tmp_path: Path) -> None:
 
 
 def test_mismatched_checkpoint_names_file_and_key(trained, tmp_path: Path) -> None:
-    _, path = trained
+    _, trained_path = trained
+    # A copy without the model card, so that only the checkpoint contradicts the four classes.
+    path = tmp_path / "bare.pt"
+    path.write_bytes(trained_path.read_bytes())
     spec = ModelSpec(checkpoint=path, classes=["a", "b", "c", "d"])
 
     with pytest.raises(ModelError) as error:

@@ -35,6 +35,10 @@ Progress = Callable[[int, int], None]
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+# A 1-channel model receives the mean of the R, G and B channels (see `to_tensor`), whose mean under
+# ImageNet statistics is the mean of the three channel means. The std is the mean of the three
+# stds, an approximation that ignores the correlation between channels.
+IMAGENET_GRAYSCALE_NORMALIZATION = {"mean": [0.449], "std": [0.226]}
 OUTPUT_KINDS = ("logits", "probabilities", "binary_logit")
 
 # One-cycle schedule factors; the same as the defaults of torch.optim.lr_scheduler.OneCycleLR
@@ -88,11 +92,12 @@ class Classifier:
             raise ModelError(f"a binary_logit model needs exactly 2 classes, got {len(classes)}: {classes}")
         if not classes:
             raise ModelError("the model has no class list; set model.classes or provide a model card")
-        normalization = normalization or IMAGENET_NORMALIZATION
+        if not normalization:
+            normalization = IMAGENET_GRAYSCALE_NORMALIZATION if in_chans == 1 else IMAGENET_NORMALIZATION
         for key in ("mean", "std"):
             if len(normalization[key]) not in (1, in_chans):
                 raise ModelError(
-                    f"normalization {key} has {len(normalization[key])} values; expected {in_chans}"
+                    f"normalization {key} has {len(normalization[key])} values; expected 1 or {in_chans}"
                 )
 
         self.module = module.to(device).eval()
@@ -216,8 +221,9 @@ def read_model_card(path: Path) -> dict[str, Any]:
 def load_classifier(spec: ModelSpec, device: str = "auto") -> Classifier:
     """Load the classifier a spec's `model` section names.
 
-    Fields the spec does not set (classes, input_size, normalization, arch, outputs) come from
-    the model card when there is one. Raises ModelError naming the checkpoint file when it is
+    Fields the spec does not set (classes, input_size, normalization, arch, outputs, in_chans)
+    come from the model card when there is one. A spec class list that differs from the card's
+    raises ModelError. Raises ModelError naming the checkpoint file when it is
     missing, unreadable or does not fit the architecture.
     """
     device = resolve_device(device)
@@ -264,19 +270,57 @@ def _settings_from_spec_and_card(spec: ModelSpec, card: dict[str, Any], source: 
                          f"{settings['input_size']!r} is invalid: the image shifts need an integer "
                          f"of at least {MIN_INPUT_SIZE} px")
 
-    normalization = spec.normalization.model_dump()
-    if "normalization" not in chosen and isinstance(card.get("normalization"), dict):
-        normalization = {**normalization, **card["normalization"]}
-    settings["normalization"] = normalization
+    settings["normalization"] = _normalization_from_spec_and_card(
+        spec, card, source, settings["in_chans"])
+    settings["classes"] = _classes_from_spec_and_card(spec, card, source)
+    return settings
 
-    classes = list(spec.classes) or [str(name) for name in card.get("classes", [])]
+
+def _normalization_from_spec_and_card(spec: ModelSpec, card: dict[str, Any], source: Path,
+                                      in_chans: int) -> dict[str, list[float]]:
+    # Fields left out of the spec or the card keep the default for the model's channel count.
+    default = IMAGENET_GRAYSCALE_NORMALIZATION if in_chans == 1 else IMAGENET_NORMALIZATION
+    normalization = dict(default)
+    if "normalization" in spec.model_fields_set:
+        where = "model.normalization in the spec"
+        spec_fields = spec.normalization.model_fields_set
+        normalization.update({key: getattr(spec.normalization, key) for key in spec_fields})
+    elif isinstance(card.get("normalization"), dict):
+        where = f"normalization in model card {source.with_suffix('.json')}"
+        normalization.update(card["normalization"])
+    else:
+        where = "the default normalization"
+
+    allowed = "1 value" if in_chans == 1 else f"1 or {in_chans} values"
+    for key in ("mean", "std"):
+        values = normalization[key]
+        if not isinstance(values, list):
+            raise ModelError(f"{where}: {key} is {values!r}, not a list; give {allowed}")
+        if len(values) not in (1, in_chans):
+            raise ModelError(f"{where}: {key} has {len(values)} values, but the model has "
+                             f"in_chans {in_chans}; give {allowed}")
+    return normalization
+
+
+def _classes_from_spec_and_card(spec: ModelSpec, card: dict[str, Any], source: Path) -> list[str]:
+    card_classes = [str(name) for name in card.get("classes", [])]
+    spec_classes = list(spec.classes)
+    if spec_classes and card_classes and spec_classes != card_classes:
+        # The class order fixes which output column is which class, so a mismatch would put
+        # every per-class result under the wrong name.
+        raise ModelError(
+            f"model.classes {spec_classes} in the spec differs from classes {card_classes} in "
+            f"model card {source.with_suffix('.json')}; remove model.classes from the spec to "
+            "use the card's list, or fix its order"
+        )
+
+    classes = spec_classes or card_classes
     if not classes:
         raise ModelError(
             f"no class list for {source}: set model.classes in the spec or put a model card at "
             f"{source.with_suffix('.json')}"
         )
-    settings["classes"] = classes
-    return settings
+    return classes
 
 
 def _load_torchscript(path: Path, device: str) -> torch.nn.Module:
