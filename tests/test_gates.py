@@ -44,3 +44,20 @@ def test_gate_matching_nothing_fails():
                               HIGHER)
     assert len(failures) == 1
     assert "no result of auroc" in failures[0]["message"]
+
+
+def test_every_accepted_selector_selects_its_conditions():
+    from tools.spec import GATE_SELECTORS
+
+    keys = ["clean", "shift:jpeg:5", "subgroup:sex:female", "site:dataset:rosendahl",
+            "external:isic2019"]
+    results = [result(key, "balanced_accuracy", 0.5) for key in keys]
+    expected = {"clean": ["clean"], "any": keys[1:], "any_shift": ["shift:jpeg:5"],
+                "any_subgroup": ["subgroup:sex:female"], "any_site": ["site:dataset:rosendahl"]}
+
+    # The spec accepts exactly these selectors, so each must match in evaluate_gates.
+    assert sorted(GATE_SELECTORS) == sorted(expected)
+    for selector in GATE_SELECTORS:
+        gate = Gate(metric="balanced_accuracy", condition=selector, min_value=0.9)
+        failures = evaluate_gates([gate], results, [], HIGHER)
+        assert [f["condition"] for f in failures] == expected[selector], selector

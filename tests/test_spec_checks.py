@@ -61,19 +61,68 @@ def test_plan_only_rejects_misspelt_gate_metric(tmp_path):
 
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        (f"error: {spec}: gates.0.metric: unknown metric 'balanced_acuracy' (did you mean "
+        (f"error: {spec}: gates[0].metric: unknown metric 'balanced_acuracy' (did you mean "
          f"'balanced_accuracy'?); known metrics: {REGISTERED_METRICS}")]
 
 
 def test_gate_without_bound_is_rejected():
     message = spec_error(gates=[{"metric": "auroc", "condition": "clean"}])
-    assert message == ("spec.yaml: gates.0: the gate on auroc checks nothing: give max_drop, "
+    assert message == ("spec.yaml: gates[0]: the gate on auroc checks nothing: give max_drop, "
                        "min_value or both")
+
+
+GATE_CONDITION_FORMS = ("clean, any, any_shift, any_subgroup, any_site, or one condition key: "
+                        "shift:<shift>:<severity 1-5>, subgroup:<column>:<value>, "
+                        "site:<column>:<value>, prevalence:<name>, reweight:<name> or "
+                        "external:<name>")
+
+
+def test_plan_only_rejects_misspelt_gate_condition(tmp_path):
+    spec = write_spec(tmp_path, gates=[{"metric": "accuracy", "condition": "clean", "min_value": 0.5},
+                                       {"metric": "sensitivity", "condition": "clena",
+                                        "min_value": 0.8}])
+    result = CliRunner().invoke(app, ["run", str(spec), "--plan-only",
+                                      "--store", str(tmp_path / "a.duckdb")])
+
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        (f"error: {spec}: gates[1].condition: unknown condition 'clena' (did you mean 'clean'?); "
+         f"a gate condition is {GATE_CONDITION_FORMS}")]
+
+
+@pytest.mark.parametrize("condition", [
+    "clean", "any", "any_shift", "any_subgroup", "any_site", "shift:jpeg:5",
+    "subgroup:age:40-59", "site:dataset:vidir:modern", "prevalence:rare_melanoma",
+    "reweight:equal_dataset", "external:isic2019"])
+def test_valid_gate_conditions_load(condition):
+    spec = spec_from_dict({**BASE, "gates": [{"metric": "accuracy", "condition": condition,
+                                              "min_value": 0.5}]}, Path("."))
+    assert spec.gates[0].condition == condition
+
+
+def test_gate_condition_with_misspelt_shift_is_rejected():
+    message = spec_error(gates=[{"metric": "accuracy", "condition": "shift:jpg:5", "max_drop": 0.1}])
+    assert message == ("spec.yaml: gates[0].condition: unknown shift 'jpg' (did you mean "
+                       f"'jpeg'?); known shifts: {REGISTERED_SHIFTS}")
+
+
+def test_gate_condition_severity_outside_range_is_rejected():
+    message = spec_error(gates=[{"metric": "accuracy", "condition": "shift:jpeg:6", "max_drop": 0.1}])
+    assert message == ("spec.yaml: gates[0].condition: condition 'shift:jpeg:6' has severity "
+                       "'6'; shift severities are 1 to 5")
+
+
+@pytest.mark.parametrize("condition", ["shift:jpeg", "subgroup:age", "external:"])
+def test_incomplete_gate_condition_key_is_rejected(condition):
+    kind = condition.split(":")[0]
+    message = spec_error(gates=[{"metric": "accuracy", "condition": condition, "max_drop": 0.1}])
+    assert message == (f"spec.yaml: gates[0].condition: condition {condition!r} is not a "
+                       f"complete {kind} key; a gate condition is {GATE_CONDITION_FORMS}")
 
 
 def test_plan_metric_id_is_checked():
     message = spec_error(plan={"metrics": [{"id": "accuracy"}, {"id": "ece_toplabel"}]})
-    assert message == ("spec.yaml: plan.metrics.1.id: unknown metric 'ece_toplabel' (did you "
+    assert message == ("spec.yaml: plan.metrics[1].id: unknown metric 'ece_toplabel' (did you "
                        f"mean 'ece_top_label'?); known metrics: {REGISTERED_METRICS}")
 
 
@@ -85,7 +134,7 @@ def test_plan_primary_metric_is_checked():
 
 def test_plan_shift_name_is_checked():
     message = spec_error(plan={"shifts": [{"name": "jpeg"}, {"name": "gausian_noise"}]})
-    assert message == ("spec.yaml: plan.shifts.1.name: unknown shift 'gausian_noise' (did you "
+    assert message == ("spec.yaml: plan.shifts[1].name: unknown shift 'gausian_noise' (did you "
                        f"mean 'gaussian_noise'?); known shifts: {REGISTERED_SHIFTS}")
 
 

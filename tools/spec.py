@@ -95,6 +95,43 @@ def _check_domain(value: str | None) -> str | None:
     return domain
 
 
+# Gate condition selectors, each matching a group of conditions. tools/gates.py applies them.
+GATE_SELECTORS = ("clean", "any", "any_shift", "any_subgroup", "any_site")
+
+# The condition keys an audit stores, by kind, and how many parts follow the kind. A subgroup or
+# site value may itself contain ":", so the last part takes the rest of the key.
+_CONDITION_KEY_PARTS = {"shift": 2, "subgroup": 2, "site": 2, "prevalence": 1, "reweight": 1,
+                        "external": 1}
+_GATE_CONDITION_FORMS = ("clean, any, any_shift, any_subgroup, any_site, or one condition key: "
+                         "shift:<shift>:<severity 1-5>, subgroup:<column>:<value>, "
+                         "site:<column>:<value>, prevalence:<name>, reweight:<name> or "
+                         "external:<name>")
+
+
+def _check_gate_condition(value: str) -> str:
+    """Accept a gate selector or a condition key the audit can produce, so a typo fails at load."""
+    if value in GATE_SELECTORS:
+        return value
+
+    kind, _, rest = value.partition(":")
+    if kind not in _CONDITION_KEY_PARTS:
+        close = difflib.get_close_matches(value, GATE_SELECTORS, n=1)
+        suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown condition {value!r}{suggestion}; a gate condition is "
+                         f"{_GATE_CONDITION_FORMS}")
+
+    parts = rest.split(":", _CONDITION_KEY_PARTS[kind] - 1)
+    if len(parts) != _CONDITION_KEY_PARTS[kind] or not all(parts):
+        raise ValueError(f"condition {value!r} is not a complete {kind} key; a gate condition is "
+                         f"{_GATE_CONDITION_FORMS}")
+    if kind == "shift":
+        _check_shift_name(parts[0])
+        if parts[1] not in {"1", "2", "3", "4", "5"}:
+            raise ValueError(f"condition {value!r} has severity {parts[1]!r}; shift severities "
+                             "are 1 to 5")
+    return value
+
+
 class Normalization(_Strict):
     mean: list[float] = [0.485, 0.456, 0.406]
     std: list[float] = [0.229, 0.224, 0.225]
@@ -300,6 +337,11 @@ class Gate(_Strict):
     def _metric_is_registered(cls, value: str) -> str:
         return _check_metric_id(value)
 
+    @field_validator("condition")
+    @classmethod
+    def _condition_is_known(cls, value: str) -> str:
+        return _check_gate_condition(value)
+
     @model_validator(mode="after")
     def _has_a_bound(self) -> Gate:
         if self.max_drop is None and self.min_value is None:
@@ -366,6 +408,17 @@ def _resolve_paths(spec: AuditSpec, base: Path) -> AuditSpec:
     return spec
 
 
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """Join a pydantic error location as `gates[1].metric`, with zero-based list indices."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     """Format one pydantic error as one line: `source: field.path: message`.
 
@@ -382,7 +435,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         message = str(first["ctx"]["error"])
     more = len(errors) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    path = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    path = _field_path(first["loc"]) or "(top level)"
     return f"{source}: {path}: {message}{suffix}"
 
 
