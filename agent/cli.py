@@ -87,7 +87,7 @@ def print_summary(store_file: Path, audit_id: str, report_paths: dict[str, str])
     """Print the clean results and the report's top findings, counted as the verdict counts them."""
     from rich.table import Table
 
-    from tools.report.content import RECALIBRATION_KINDS, Lookup, top_findings
+    from tools.report.content import Lookup, audited_model_findings, top_findings
     from tools.report.data import build_report_data
     from tools.store import Store
 
@@ -96,7 +96,7 @@ def print_summary(store_file: Path, audit_id: str, report_paths: dict[str, str])
                    if r["condition"] == "clean" and r["class"] is None]
         data = build_report_data(store, audit_id, include_images=False)
     top = top_findings(data, Lookup(data))
-    found = [f for f in data["findings"] if f.get("kind") not in RECALIBRATION_KINDS]
+    found = audited_model_findings(data["findings"])
     recalibration = len(data["findings"]) - len(found)
     table = Table(title=f"Audit {audit_id}: clean test set")
     table.add_column("metric")
@@ -220,7 +220,9 @@ def check_gates(store_file: Path, audit_id: str, gates) -> None:
     from tools.store import Store
 
     with Store(store_file) as store:
-        failures = gate_outcome(store, audit_id, gates)["failures"]
+        # The graph stores the outcome before rendering the report; older audits lack it.
+        outcome = store.artifact(audit_id, "gates") or gate_outcome(store, audit_id, gates)
+    failures = outcome["failures"]
     if failures:
         console.print(f"[bold red]{len(failures)} gate check(s) failed:[/]")
         for failure in failures:

@@ -115,9 +115,10 @@ def test_calibration_names_population_conditions(key, phrase):
 
 
 def test_no_referral_candidate_when_clean_accepts_nothing():
-    # On the calibration split only 5 very confident answers reach the target, so the rule
-    # accepts confidence 0.99 and above. No clean test image is that confident (all referred);
-    # a shift makes a few wrong answers that confident, which is not a drop from clean.
+    # On the calibration split only 5 very confident predictions reach the target, so the rule
+    # accepts confidence 0.99 and above. No clean test image is that confident, so all are
+    # referred. A shift makes a few wrong predictions that confident, which is not a drop from
+    # clean.
     cal_probs, cal_labels = two_class(np.concatenate([np.full(5, 0.99), np.full(45, 0.7)]),
                                       np.full(50, 0.7))
     clean = two_class(np.full(50, 0.7), np.full(50, 0.7))

@@ -78,8 +78,8 @@ def test_recovery_labels_falls_after_retraining(store):
         "no clear loss in balanced_accuracy; audit findings on ece_top_label")
     assert by_key["shift:contrast:1"].recovered_fraction is None
     assert by_key["shift:contrast:1"].note == "nothing to recover"
-    # (0.15 − 0.05 on the clear losses − 0.05 on brightness) / (0.2 + 0.3); the gain on
-    # white_balance and contrast, where nothing clear was lost, adds nothing.
+    # Overall: (0.15 − 0.05 on the clear losses − 0.05 on brightness) / (0.2 + 0.3). The gain on
+    # white_balance and contrast adds nothing, because nothing clear was lost there.
     assert overall == pytest.approx(0.05 / 0.5)
 
 

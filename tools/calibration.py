@@ -695,10 +695,11 @@ def _confidence_gap_change(
     return change, (draws_before, draws_after)
 
 
-def _verdict_from_ece(change: MetricChange) -> Verdict:
-    if change.high < 0:
+def verdict_from_interval(low: float, high: float) -> Verdict:
+    """Judge a change of a lower-is-better metric from its 95 % interval."""
+    if high < 0:
         return "helped"
-    if change.low > 0:
+    if low > 0:
         return "harmed"
     return "no clear change"
 
@@ -750,7 +751,7 @@ def evaluate_recalibration(
         verdict = RecalibrationVerdict(
             condition=key,
             n=int(z.shape[0]),
-            verdict=_verdict_from_ece(changes[0]),
+            verdict=verdict_from_interval(changes[0].low, changes[0].high),
             changes=changes,
             reliability_before=reliability_bins(probs_before, y, n_bins),
             reliability_after=reliability_bins(probs_after, y, n_bins),

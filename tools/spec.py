@@ -32,8 +32,8 @@ class _Strict(BaseModel):
 # measurement at 12 and 13 px.
 MIN_INPUT_SIZE = 13
 
-# The fewest bootstrap replicates that tools/calibration.py accepts for the temperature fit and
-# for the recalibration check, which every audit with a calibration split runs.
+# The minimum number of bootstrap replicates that tools/calibration.py accepts for the
+# temperature fit and the recalibration check, which every audit with a calibration split runs.
 MIN_BOOTSTRAP = 20
 
 # A context.domain that matches no preset but is this close to a preset's name (difflib ratio)

@@ -259,12 +259,13 @@ class Store:
 
     def require_finished(self, audit_id: str) -> None:
         """Raise StoreError unless the audit finished, so partial results are never read as whole."""
-        status = self.audit(audit_id)["status"]
+        audit = self.audit(audit_id)
+        status = audit["status"]
         if status == "finished":
             return
         state = {"running": "is still running or stopped without finishing",
                  "failed": "failed", "interrupted": "was interrupted"}.get(status, f"is {status}")
-        error = self.audit(audit_id)["meta"].get("error")
+        error = audit["meta"].get("error")
         raise StoreError(f"audit {audit_id} {state}" + (f" ({error})" if error else "")
                          + "; its results are incomplete, so it has no verdict. Run the audit "
                          f"again, or resume a chat audit with `clinaudit chat --resume {audit_id}`")

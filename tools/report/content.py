@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from tools.report.wording import (
+    class_name,
     directed_change,
     directed_interval,
     is_number,
@@ -628,6 +629,11 @@ RECALIBRATION_KINDS = {"recalibration_harms", "recalibration_overconfidence_grow
                        "subgroup_calibration_differs"}
 
 
+def audited_model_findings(findings: list[dict]) -> list[dict]:
+    """Keep the findings about the audited model, leaving out those about the recalibrated one."""
+    return [f for f in findings if f.get("kind") not in RECALIBRATION_KINDS]
+
+
 def _thin_class_lines(data: dict, lookup: Lookup) -> list[str]:
     """List, per one-class metric, the conditions with too few images of that class to test it."""
     classes = data["model"].get("classes") or []
@@ -635,10 +641,11 @@ def _thin_class_lines(data: dict, lookup: Lookup) -> list[str]:
     for item in data.get("thin_class_conditions") or []:
         condition = lookup.conditions.get(item["condition"])
         label = condition_label(condition) if condition else item["condition"]
-        k = item["positive_class"]
-        name = classes[k] if isinstance(k, int) and 0 <= k < len(classes) else str(k)
-        counted = f"{item['rows']} predicted {name}" if item.get("counted") == "predictions" \
-            else f"{item['rows']} {name}"
+        name = class_name(item["positive_class"], classes)
+        if item.get("counted") == "predictions":
+            counted = f"{item['rows']} predicted {name}"
+        else:
+            counted = f"{item['rows']} {name}"
         places.setdefault((item["metric"], name), []).append(f"{label} ({counted})")
     return [f"{lookup.display(metric)} ({name}): {', '.join(where)}"
             for (metric, name), where in places.items()]
@@ -650,7 +657,7 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
     Recalibration findings are left out, because they describe the temperature-scaled model
     and have their own section.
     """
-    findings = [f for f in sorted_findings(data) if f.get("kind") not in RECALIBRATION_KINDS]
+    findings = audited_model_findings(sorted_findings(data))
     by_condition: dict[str, list[dict]] = {}
     for finding in findings:
         by_condition.setdefault(finding.get("condition"), []).append(finding)
@@ -724,8 +731,8 @@ def verdict_view(data: dict, lookup: Lookup) -> dict:
         "n_findings": len(findings),
         "counts": {name: sum(1 for f in findings if f.get("light") == name)
                    for name in ("red", "amber")},
-        "n_recalibration_findings": sum(1 for f in data.get("findings") or []
-                                        if f.get("kind") in RECALIBRATION_KINDS),
+        "n_recalibration_findings": (len(data.get("findings") or [])
+                                     - len(audited_model_findings(data.get("findings") or []))),
     }
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from tools.report.content import (
-    RECALIBRATION_KINDS,
     Lookup,
     ReportDataError,
+    audited_model_findings,
     check_report_data,
     class_table,
     condition_label,
@@ -130,16 +130,14 @@ def _change_verdict(change: dict) -> str:
     """Judge one metric's change under recalibration from its own interval.
 
     ECE, NLL and Brier score are better lower. The confidence gap is signed (confidence minus
-    accuracy), so its change alone says neither better nor worse and gets no verdict.
+    accuracy), so its change alone shows neither better nor worse and gets no verdict.
     """
+    from tools.calibration import verdict_from_interval
+
     low, high = change.get("low"), change.get("high")
     if change.get("metric") == "confidence_gap" or not (is_number(low) and is_number(high)):
         return "–"
-    if high < 0:
-        return "helped"
-    if low > 0:
-        return "harmed"
-    return "no clear change"
+    return verdict_from_interval(low, high)
 
 
 CONFIDENCE_SCORE_NAMES = {"msp": "maximum softmax probability",
@@ -448,8 +446,7 @@ def build_view(data: dict) -> dict:
         "top_findings": top,
         "more_findings": len(findings) - len(top),
         "all_findings": findings,
-        "finding_conditions": {f["condition"] for f in findings
-                               if f.get("kind") not in RECALIBRATION_KINDS},
+        "finding_conditions": {f["condition"] for f in audited_model_findings(findings)},
         "metric_table": metric_table(data, lookup),
         "class_table": class_table(data, lookup),
         "differences": difference_rows(data, lookup),

@@ -66,7 +66,8 @@ CONFIDENCE_WORDS = {"msp": "maximum softmax probability", "entropy": "negative e
                     "margin": "top-two margin"}
 
 
-def _class_name(value: Any, classes: list[str]) -> str:
+def class_name(value: Any, classes: list[str]) -> str:
+    """Return the class name for a class index, or the value itself when it is not one."""
     if is_number(value) and float(value).is_integer() and 0 <= int(value) < len(classes):
         return str(classes[int(value)])
     return str(value)
@@ -77,7 +78,7 @@ def param_words(key: str, value: Any, classes: list[str]) -> str | None:
     if value is None:
         return None
     if key == "positive_class":
-        return _class_name(value, classes)
+        return class_name(value, classes)
     if key == "n_bins":
         return f"{fmt_plain(value)} bins"
     if key == "binning":
